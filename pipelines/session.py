@@ -1,0 +1,70 @@
+"""One pipeline invocation: storage root, MLflow parent run, Ray, the DAG, the summary.
+
+Shared by pipelines/full.py and pipelines/weekly.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pipelines.artifacts import ArtifactStore
+from pipelines.config import Config
+from pipelines.dag import StepFailed, ensure_ray, run_dag, select
+from pipelines.runner import StepResult, StepSpec, plan_fingerprints, summary_table
+from pipelines.tracking import RunLogger, Tracking, setup_experiment, start_run, tracking_uri
+
+log = logging.getLogger("pipelines")
+
+
+def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None = None,
+                 until: str | None = None, dry_run: bool = False, title: str = "full") -> int:
+    store = ArtifactStore(cfg.run.output_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    cfg.run.output_dir = str(store.root)  # absolute: Ray workers may run elsewhere
+    chosen = select(specs, stages, until)
+    fps = plan_fingerprints(specs, cfg)
+
+    if dry_run:
+        for s in chosen:
+            state = "cached" if store.get(s.name, fps[s.name]) else "to run"
+            print(f"{s.name:<14} {fps[s.name]}  {state}")
+        return 0
+
+    uri = tracking_uri(cfg, store.root)
+    exp_id = setup_experiment(uri, cfg.run.experiment, store.root / "mlartifacts")
+    parent = start_run(Tracking(uri, exp_id), f"{title}-{cfg.preset}",
+                       {"pipeline": title, "preset": cfg.preset,
+                        "steps": ",".join(s.name for s in chosen)})
+    tracking = Tracking(uri, exp_id, parent)
+    parent_log = RunLogger(tracking.client(), parent)
+    parent_log.log_dict(cfg.model_dump(mode="json"), "config.json")
+    parent_log.log_params({"preset": cfg.preset, "seed": cfg.run.seed, "output_dir": str(store.root)})
+
+    start = time.time()
+    ensure_ray(cfg)
+    try:
+        results = run_dag(chosen, cfg, tracking, all_specs=specs)
+    except StepFailed as e:
+        parent_log.set_tags({"failed_step": e.step})
+        parent_log.end("FAILED")
+        print(f"\nerror: {e}\nRe-run the same command to resume: finished steps are cached and "
+              f"an interrupted training continues from its last checkpoint.", file=sys.stderr)
+        return 1
+    parent_log.log_metrics({"pipeline_seconds": time.time() - start,
+                            "steps_cached": sum(r.cached for r in results),
+                            "steps_ran": sum(not r.cached for r in results)})
+    for r in results:
+        parent_log.log_metrics({f"{r.name}.{k}": v for k, v in r.metrics.items()})
+    parent_log.end()
+    print_summary(results, uri, store.root, time.time() - start)
+    return 0
+
+
+def print_summary(results: list[StepResult], uri: str, root: Path, seconds: float) -> None:
+    print("\n" + summary_table(results))
+    print(f"\n{len(results)} steps in {seconds:.1f}s "
+          f"({sum(r.cached for r in results)} cached). Artifacts under {root}")
+    print(f"MLflow UI:  mlflow ui --backend-store-uri {uri}")

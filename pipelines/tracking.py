@@ -1,0 +1,162 @@
+"""MLflow tracking: one parent run per pipeline invocation, one nested run per step.
+
+Everything goes through an explicit `MlflowClient` and run ids (no fluent global state), so
+the same code works in the driver, in Ray step tasks and in rank 0 of training workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+
+from pipelines.config import Config
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where to log: picklable, handed to every step task."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str | None = None
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+
+def tracking_uri(cfg: Config, output_root: Path) -> str:
+    if cfg.run.tracking_uri:
+        return cfg.run.tracking_uri
+    return f"sqlite:///{output_root / 'mlflow.db'}"
+
+
+def setup_experiment(uri: str, name: str, artifact_root: Path) -> str:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root.as_uri())
+    except Exception:  # created concurrently by another invocation
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(tracking: Tracking, name: str, tags: dict[str, str]) -> str:
+    all_tags = dict(tags)
+    if tracking.parent_run_id:
+        all_tags["mlflow.parentRunId"] = tracking.parent_run_id
+    run = tracking.client().create_run(tracking.experiment_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class RunLogger:
+    """Logging into one MLflow run; the methods a StepContext exposes to steps."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = flatten(params)
+        items = [Param(k[:250], json.dumps(v, default=str)[:6000] if not isinstance(v, str) else v[:6000])
+                 for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow's per-batch limit
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_table(self, data: dict[str, list] | Any, name: str) -> None:
+        self.client.log_table(self.run_id, data, name)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_input_artifact(self, name: str, fingerprint: str, path: Path, context: str = "input") -> None:
+        """Record an upstream artifact as an MLflow dataset input with its digest."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # two registered local sources match; both are equivalent
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(source=source, name=name, digest=fingerprint)
+        self.client.log_inputs(
+            self.run_id,
+            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
+        )
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def log_history_figure(logger: RunLogger, history: list[dict[str, float]], keys: list[str], name: str,
+                       title: str = "") -> None:
+    """Plot metric curves from a list of {step, key: value} rows and log the PNG to the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    logger.log_figure(fig, name)
+    plt.close(fig)
+
+
+def scratch_file(suffix: str) -> Path:
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    os.close(fd)
+    return Path(path)

@@ -1,0 +1,20 @@
+"""Shared fixtures: one local Ray for the whole session (starting Ray costs seconds)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from pipelines.config import load_config
+    from pipelines.dag import ensure_ray
+
+    ensure_ray(load_config(None))
+    yield ray
+    ray.shutdown()

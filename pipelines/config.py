@@ -67,6 +67,7 @@ class SourceConfig(Section):
     weight: float | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
     text_field: str = "text"  # jsonl / parquet
+    line_documents: bool = False  # text: one document per line instead of per file
     licenses: list[str] = Field(default_factory=lambda: ["MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "PSF-2.0"])
     quality_filter: bool = True  # code keeps its own heuristics
     max_docs: int | None = Field(None, gt=0)

@@ -25,7 +25,7 @@ def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None
     store.root.mkdir(parents=True, exist_ok=True)
     cfg.run.output_dir = str(store.root)  # absolute: Ray workers may run elsewhere
     chosen = select(specs, stages, until)
-    fps = plan_fingerprints(specs, cfg)
+    fps = plan_fingerprints(chosen, cfg)  # `chosen` is closed under inputs
 
     if dry_run:
         for s in chosen:
@@ -46,7 +46,7 @@ def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None
     start = time.time()
     ensure_ray(cfg)
     try:
-        results = run_dag(chosen, cfg, tracking, all_specs=specs)
+        results = run_dag(chosen, cfg, tracking)
     except StepFailed as e:
         parent_log.set_tags({"failed_step": e.step})
         parent_log.end("FAILED")

@@ -26,9 +26,11 @@ from pipelines.session import run_pipeline
 def pipeline(cfg: Config) -> list[StepSpec]:
     """The full recipe's steps in topological order (RECIPE.md sections 1-8)."""
     return [
-        StepSpec("data", "steps.data", "data", ("data", "run.seed")),
+        # data steps are drivers of Ray Data jobs: their node holds no CPU the job needs
+        StepSpec("data", "steps.data", "data", ("data", "run.seed"), light=True),
         StepSpec("tokenizer", "steps.tokenizer", "tokenizer", ("tokenizer", "run.seed"),
-                 inputs={"corpus": "data"}),
+                 inputs={"corpus": "data"}, light=True),
+        # training steps only launch Ray Train workers, which ask for the CPUs/GPUs
         StepSpec("pretrain", "steps.pretrain", "pretrain", ("model", "pretrain", "run.seed"),
                  inputs={"tokenized": "tokenizer"}, light=True),
     ]

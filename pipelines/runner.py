@@ -39,7 +39,7 @@ class StepSpec:
     inputs: dict[str, str] = field(default_factory=dict)  # run() kwarg -> upstream step name
     params: dict[str, Any] = field(default_factory=dict)  # extra run() kwargs (in the fingerprint)
     tags: dict[str, str] = field(default_factory=dict)
-    light: bool = False  # the node only launches workers (training): it asks Ray for no CPU
+    light: bool = False  # the node only drives Ray Data jobs or Ray Train workers: it asks for no CPU
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -60,18 +61,16 @@ def pack(token_lists: list[list[int]], length: int) -> np.ndarray:
     return flat[: rows * length].reshape(rows, length)
 
 
-class EncodeAndPack:
-    """Ray Data UDF: a batch of documents -> packed sequences. One tokenizer load per actor."""
+@lru_cache(maxsize=2)
+def _tokenizer(model_path: str) -> Tokenizer:
+    return Tokenizer(model_path)  # loaded once per worker process, not once per batch
 
-    def __init__(self, model_path: str, length: int):
-        self.tok = Tokenizer(model_path)
-        self.length = length
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ids = self.tok.encode_batch([str(t) for t in batch["text"]])
-        docs = [[self.tok.bos_id, *x, self.tok.eos_id] for x in ids]
-        packed = pack(docs, self.length)
-        return {"tokens": list(packed)}
+def encode_and_pack(batch: dict[str, np.ndarray], model_path: str, length: int) -> dict[str, list]:
+    """Ray Data map_batches: a batch of documents -> packed `<s> doc </s> <s> doc ...` rows."""
+    tok = _tokenizer(model_path)
+    ids = tok.encode_batch([str(t) for t in batch["text"]])
+    return {"tokens": list(pack([[tok.bos_id, *x, tok.eos_id] for x in ids], length))}
 
 
 def tokenize_split(docs_dir: Path, out_dir: Path, model_path: Path, length: int, val_fraction: float,
@@ -84,8 +83,8 @@ def tokenize_split(docs_dir: Path, out_dir: Path, model_path: Path, length: int,
     want_val = split == "val"
     ds = ray.data.read_parquet(str(docs_dir), columns=["id", "text"])
     ds = ds.filter(lambda row: in_val_split(row["id"], val_fraction) == want_val)
-    ds = ds.map_batches(EncodeAndPack, fn_constructor_kwargs={"model_path": str(model_path), "length": length},
-                        batch_size=ENCODE_BATCH, concurrency=1, batch_format="numpy")
+    ds = ds.map_batches(encode_and_pack, fn_kwargs={"model_path": str(model_path), "length": length},
+                        batch_size=ENCODE_BATCH, batch_format="numpy")
     out_dir.mkdir(parents=True, exist_ok=True)
     n, part, writer = 0, 0, None
     try:  # stream to shards of SHARD_ROWS sequences: memory stays bounded whatever the corpus size

@@ -20,6 +20,7 @@ import unicodedata
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -190,26 +191,21 @@ def drop_lines(text: str, common: set[int]) -> tuple[str, int]:
 
 
 # ----------------------------------------------------------------------------- Ray Data
-class SignatureUDF:
-    """map_batches: exact key, MinHash signature and LSH band keys per document."""
-
-    def __init__(self, cfg: DedupConfig):
-        self.cfg = cfg
-        self.perms = Permutations.make(cfg.num_perm)
-
-    def __call__(self, batch: dict) -> dict:
-        texts = [str(t) for t in batch["text"]]
-        sigs = np.stack([signature(shingle_hashes(t, self.cfg.ngram), self.perms) for t in texts])
-        mask = np.uint64((1 << 63) - 1)  # int64 columns: Arrow hashes/sorts them natively
-        exact = np.array([exact_key(t) for t in texts], dtype=np.uint64) & mask
-        return {"order": batch["order"], "exact": exact.astype(np.int64), "sig": list(sigs),
-                "bands": list((band_keys(sigs, self.cfg.bands) & mask).astype(np.int64))}
+def signature_batch(batch: dict, cfg: DedupConfig) -> dict:
+    """Ray Data map_batches: exact key, MinHash signature and LSH band keys per document.
+    Keys are folded to int64 so Arrow hashes and sorts them natively."""
+    perms = _permutations(cfg.num_perm)
+    texts = [str(t) for t in batch["text"]]
+    sigs = np.stack([signature(shingle_hashes(t, cfg.ngram), perms) for t in texts])
+    mask = np.uint64((1 << 63) - 1)
+    exact = np.array([exact_key(t) for t in texts], dtype=np.uint64) & mask
+    return {"order": batch["order"], "exact": exact.astype(np.int64), "sig": list(sigs),
+            "bands": list((band_keys(sigs, cfg.bands) & mask).astype(np.int64))}
 
 
-def max_actors() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+@lru_cache(maxsize=4)
+def _permutations(num_perm: int) -> Permutations:
+    return Permutations.make(num_perm)
 
 
 def _explode(row: dict, minhash: bool) -> list[dict]:
@@ -235,10 +231,7 @@ def dedup_dataset(ds, cfg: DedupConfig):
     """
     if not (cfg.exact or cfg.minhash):
         return ds, []
-    import ray.data
-
-    sigs = ds.map_batches(SignatureUDF, fn_constructor_args=(cfg,), batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors())).materialize()
+    sigs = ds.map_batches(signature_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy").materialize()
     groups = (sigs.flat_map(_explode, fn_kwargs={"minhash": cfg.minhash})
               .filter(lambda r: cfg.exact or r["band"] >= 0)
               .groupby(["band", "key"]).map_groups(_group_pairs, batch_format="numpy"))

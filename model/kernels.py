@@ -1,0 +1,177 @@
+"""Kernels chosen at run time, each paired with a plain-PyTorch reference (llm.c style).
+
+    backend "reference": plain PyTorch everywhere (CPU, tests)
+    backend "liger":     Liger's Triton kernels for RMSNorm, SwiGLU, RoPE and fused
+                         linear + cross-entropy (CUDA only; `pip install -r requirements-gpu.txt`)
+    backend "auto":      liger when CUDA and liger_kernel are available, else reference
+
+Attention always goes through `scaled_dot_product_attention`, which picks flash / memory-
+efficient kernels on GPU and never stores the attention matrix there; GQA uses its
+`enable_gqa` instead of materialising repeated K/V. `linear_cross_entropy` never
+materialises the [N, V] logits on any backend (chunked with recomputation on the reference).
+Select with `kernels.use("reference")` or the env var LLAMA2_KERNELS.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+_BACKEND = os.environ.get("LLAMA2_KERNELS", "auto")
+CE_CHUNK = 4096  # rows of hidden states per cross-entropy chunk on the reference path
+
+
+def use(backend: str) -> None:
+    global _BACKEND
+    if backend not in ("auto", "reference", "liger"):
+        raise ValueError(f"unknown kernel backend {backend!r}")
+    _BACKEND = backend
+
+
+@lru_cache(maxsize=1)
+def _liger():
+    try:
+        import liger_kernel.ops as ops  # noqa: F401
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        return None
+    return {"rms_norm": LigerRMSNormFunction, "swiglu": LigerSiLUMulFunction, "rope": LigerRopeFunction,
+            "flce": LigerFusedLinearCrossEntropyFunction}
+
+
+def _fast(x: torch.Tensor):
+    if _BACKEND == "reference" or not x.is_cuda:
+        return None
+    ops = _liger()
+    if ops is None and _BACKEND == "liger":
+        raise RuntimeError("kernels.use('liger') but liger_kernel is not installed (requirements-gpu.txt)")
+    return ops
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    ops = _fast(x)
+    if ops is not None:
+        return ops["rms_norm"].apply(x, weight, eps, 0.0, "llama", False)
+    return rms_norm_reference(x, weight, eps)
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    ops = _fast(gate)
+    if ops is not None:
+        return ops["swiglu"].apply(gate, up)
+    return swiglu_reference(gate, up)
+
+
+# ----------------------------------------------------------------------------- RoPE
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, H, T, Hd], k [B, K, T, Hd]; cos/sin [B, 1, T, Hd] (rotate-half layout)."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def apply_rope(q, k, cos, sin):
+    ops = _fast(q)
+    if ops is not None and cos.shape[0] == 1:  # Liger's RoPE takes one position row for the batch
+        return ops["rope"].apply(q, k, cos[:, 0], sin[:, 0])
+    return apply_rope_reference(q, k, cos, sin)
+
+
+# ----------------------------------------------------------------------------- attention
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, K, S, Hd] -> [B, K * n_rep, S, Hd]: each KV head serves n_rep query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def attention_reference(q, k, v, mask=None, causal=True):
+    """Explicit softmax(QK^T / sqrt(d)) V with repeated K/V: the ground truth for tests."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, H, T, S]
+    T, S = q.shape[-2], k.shape[-2]
+    if mask is None and causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def attention(q, k, v, mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+    """q [B, H, T, Hd], k/v [B, K, S, Hd] (K divides H); mask [B|1, 1, T, S] bool or None."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and not q.is_cuda:  # enable_gqa's CPU path is slow or missing: repeat K/V instead
+        n_rep = q.shape[1] // k.shape[1]
+        k, v, gqa = repeat_kv(k, n_rep), repeat_kv(v, n_rep), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=gqa)
+
+
+# ----------------------------------------------------------------------------- linear + cross-entropy
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum of CE(hidden @ weight.T, targets) computed chunk by chunk; backward recomputes
+    each chunk's logits, so peak memory is one [CE_CHUNK, V] block instead of [N, V]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[0], CE_CHUNK):
+            logits = (hidden[s:s + CE_CHUNK] @ weight.T).float()
+            total += F.cross_entropy(logits, targets[s:s + CE_CHUNK], ignore_index=ignore_index, reduction="sum")
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.ignore_index = ignore_index
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for s in range(0, hidden.shape[0], CE_CHUNK):
+            h, t = hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK]
+            probs = (h @ weight.T).float().softmax(-1)  # d CE / d logits = softmax - onehot
+            valid = t != ctx.ignore_index
+            probs[valid, t[valid]] -= 1.0
+            probs[~valid] = 0.0
+            probs *= grad_out
+            grad_h[s:s + CE_CHUNK] = (probs.to(h.dtype) @ weight).to(h.dtype)
+            grad_w += probs.T @ h.float()
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
+def linear_cross_entropy_reference(hidden, weight, targets, ignore_index: int = -100):
+    logits = (hidden @ weight.T).float()
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return loss, int((targets != ignore_index).sum())
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of counted tokens) for hidden [N, D], weight [V, D]."""
+    n = int((targets != ignore_index).sum())
+    ops = _fast(hidden)
+    if ops is not None:
+        mean = ops["flce"].apply(hidden, weight, targets, None, None, ignore_index, 0.0, 0.0, "mean")
+        mean = mean[0] if isinstance(mean, tuple) else mean
+        return mean * n, n
+    return _ChunkedLinearCE.apply(hidden, weight, targets, ignore_index), n

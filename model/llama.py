@@ -131,6 +131,20 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection. With `targets` it returns (loss sum, token count) through the
+    fused linear + cross-entropy instead of logits; doing it inside this module's forward
+    keeps it correct under ZeRO-3, which gathers a module's weights only during its forward."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(dim, vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
+        if targets is None:
+            return super().forward(h).float()
+        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten())
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -138,7 +152,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = LMHead(cfg.dim, cfg.vocab_size)
         self.checkpoint_layers = False  # activation checkpointing, switched on by the engine
 
     def init_weights(self, std: float = 0.02) -> None:
@@ -157,8 +171,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (fp32), or the final hidden states [B, T, D].
+                attention_mask: torch.Tensor | None = None, return_hidden: bool = False,
+                targets: torch.Tensor | None = None):
+        """tokens [B, T] -> logits [B, T, V] (fp32), or the final hidden states [B, T, D], or
+        with targets [B, T] (-100 = ignore): (sum of token losses, number of tokens).
 
         positions:      [B, T] (default: 0..T-1, offset by what the KV cache holds)
         segment_ids:    [B, T] packed documents: attention stays within equal ids
@@ -180,7 +196,9 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         h = self.norm(h)
-        return h if return_hidden else self.output(h).float()
+        if return_hidden:
+            return h
+        return self.output(h, targets)
 
 
 def build_mask(T: int, offset: int, segment_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -204,7 +222,6 @@ def build_mask(T: int, offset: int, segment_ids: torch.Tensor | None, attention_
 
 def lm_loss(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor, **kw) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over targets != -100, without materialising [B*T, V] logits."""
-    hidden = model(tokens, return_hidden=True, **kw)  # [B, T, D]
-    loss_sum, n = kernels.linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
+    loss_sum, n = model(tokens, targets=targets, **kw)
     return loss_sum / max(n, 1), n
 

@@ -1,0 +1,52 @@
+"""AdamW parameter groups and the learning-rate schedule (RECIPE.md sections 4, 5, 7, 8).
+
+Cosine: linear warm-up to the peak, then cosine decay to `min_lr_ratio` of the peak at the
+last step (pretraining: 2000 warm-up steps, 10% floor). Constant: warm-up then flat (PPO).
+Norm gains and biases take no weight decay (standard for LLaMA-style training).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipelines.config import OptimConfig
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    if cfg.warmup_fraction is not None:  # reward models: 3% of total, at least 5
+        return max(cfg.min_warmup_steps, int(round(cfg.warmup_fraction * total_steps)))
+    return cfg.warmup_steps
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based)."""
+    warm = warmup_steps(cfg, total_steps)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm - 1))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions keep the full shape here
+            (no_decay if len(shape) < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int, fused: bool):
+    groups = param_groups(module, cfg.weight_decay)
+    if fused:  # CUDA: DeepSpeed's fused Adam (multi-tensor kernels)
+        from deepspeed.ops.adam import FusedAdam
+
+        opt = FusedAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adam_w_mode=True)
+    else:  # CPU: torch AdamW, no C++ compilation (STACK.md)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total_steps, cfg))
+    return opt, sched

@@ -1,0 +1,68 @@
+"""Pretraining step (RECIPE.md sections 3-4): the LLaMA-2 model on the packed token sequences.
+
+Input: the tokenizer artifact (train/ val/ Parquet of seq_len + 1 tokens, tokenizer.model,
+meta.json). Output: model.safetensors (consolidated fp32), hf/ (a Hugging Face Llama
+directory with the tokenizer), history.json, and metrics: the final train and validation
+loss next to the unigram baseline the model must beat.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+
+from pipelines.artifacts import Artifact
+from pipelines.config import ModelConfig
+from pipelines.tracking import log_history_figure
+from steps.engine import Objective, collate_lm, lm_objective_loss, train
+
+VERSION = "1"
+
+
+def build_model(cfg: ModelConfig):
+    from model.llama import Transformer
+
+    model = Transformer(cfg)
+    model.init_weights()
+    return model
+
+
+def run(ctx, tokenized: Artifact) -> dict[str, float]:
+    from model.flops import flops_per_token
+    from model.hf import export_hf
+
+    meta = json.loads(tokenized.file("meta.json").read_text())
+    mcfg = ctx.cfg.model.model_copy(update={"vocab_size": meta["vocab_size"]})
+    if meta["seq_len"] > mcfg.max_seq_len:
+        raise ValueError(f"tokenizer.seq_len {meta['seq_len']} exceeds model.max_seq_len {mcfg.max_seq_len}")
+    with __import__("torch").device("meta"):
+        n_params = build_model(mcfg).num_params(exclude_embeddings=True)
+    objective = Objective(
+        name="pretrain",
+        build_module=partial(build_model, mcfg),
+        loss=lm_objective_loss,
+        train_files=[str(p) for p in sorted((tokenized.path / "train").glob("*.parquet"))],
+        eval_files=[str(p) for p in sorted((tokenized.path / "val").glob("*.parquet"))],
+        columns=["tokens"],
+        collate=collate_lm,
+        tokens_per_row=meta["seq_len"],
+        flops_per_token=flops_per_token(n_params, mcfg.n_layers, meta["seq_len"], mcfg.dim),
+        model_cfg=mcfg,
+    )
+    ctx.log_params({"model.non_embedding_params": n_params, "model.vocab_size": mcfg.vocab_size})
+    result = train(objective, ctx.cfg.pretrain.train, ctx.cfg.pretrain.optim, work_dir=ctx.work_dir,
+                   out_dir=ctx.out_dir, seed=ctx.seed, tracking_uri=ctx.tracking_uri,
+                   mlflow_run_id=ctx.mlflow_run_id)
+    export_hf(result.weights, mcfg, ctx.out_dir / "hf", tokenizer_model=tokenized.file("tokenizer.model"))
+    (ctx.out_dir / "model_config.json").write_text(mcfg.model_dump_json(indent=2))
+    log_history_figure(ctx.logger, result.history, ["loss", "eval_loss"], "loss_curve.png", "pretraining loss")
+    final = result.final
+    val = final.get("eval_loss", float("nan"))
+    return {
+        "train_loss": final.get("loss"), "val_loss": val, "val_perplexity": math.exp(val),
+        "unigram_loss": meta["unigram_entropy_nats"], "first_loss": result.history[0]["loss"],
+        "steps": final.get("step"), "tokens_per_s": final.get("tokens_per_s"), "mfu": final.get("mfu", 0.0),
+        "launch_seconds": result.launch_seconds, "train_seconds": result.seconds,
+        "params_non_embedding": n_params,
+    }

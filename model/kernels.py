@@ -134,9 +134,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index):
-        total = hidden.new_zeros((), dtype=torch.float32)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        total = hidden.new_zeros((), dtype=acc)
         for s in range(0, hidden.shape[0], CE_CHUNK):
-            logits = (hidden[s:s + CE_CHUNK] @ weight.T).float()
+            logits = (hidden[s:s + CE_CHUNK] @ weight.T).to(acc)
             total += F.cross_entropy(logits, targets[s:s + CE_CHUNK], ignore_index=ignore_index, reduction="sum")
         ctx.save_for_backward(hidden, weight, targets)
         ctx.ignore_index = ignore_index
@@ -145,22 +146,23 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets = ctx.saved_tensors
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 inputs accumulate in fp32
         grad_h = torch.zeros_like(hidden)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=acc)
         for s in range(0, hidden.shape[0], CE_CHUNK):
             h, t = hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK]
-            probs = (h @ weight.T).float().softmax(-1)  # d CE / d logits = softmax - onehot
+            probs = (h @ weight.T).to(acc).softmax(-1)  # d CE / d logits = softmax - onehot
             valid = t != ctx.ignore_index
             probs[valid, t[valid]] -= 1.0
             probs[~valid] = 0.0
             probs *= grad_out
             grad_h[s:s + CE_CHUNK] = (probs.to(h.dtype) @ weight).to(h.dtype)
-            grad_w += probs.T @ h.float()
+            grad_w += probs.T @ h.to(acc)
         return grad_h, grad_w.to(weight.dtype), None, None
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, ignore_index: int = -100):
-    logits = (hidden @ weight.T).float()
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
     loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     return loss, int((targets != ignore_index).sum())
 

@@ -9,6 +9,7 @@ after the whole job died) resumes the same way.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ def train(objective: Objective, train_cfg: TrainConfig, optim_cfg: OptimConfig, 
         resources["GPU"] = train_cfg.gpus_per_worker or 1
     env = {"DS_ACCELERATOR": "cuda" if train_cfg.use_gpu else "cpu", "OMP_NUM_THREADS":
            str(max(1, int(train_cfg.cpus_per_worker)))}
+    if "LLAMA2_FAIL_AT_STEP" in os.environ:  # planned-crash hook of the resume tests
+        env["LLAMA2_FAIL_AT_STEP"] = os.environ["LLAMA2_FAIL_AT_STEP"]
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     trainer = TorchTrainer(

@@ -36,6 +36,14 @@ def pipeline(cfg: Config) -> list[StepSpec]:
     ]
 
 
+# What the end-of-run table shows for each step.
+KEY_METRICS = {
+    "data": ["docs_in", "docs_out", "duplicates_removed", "corrupt_records"],
+    "tokenizer": ["vocab_size", "train_tokens", "unigram_loss", "roundtrip_exact"],
+    "pretrain": ["val_loss", "unigram_loss", "tokens_per_s", "launch_seconds"],
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="preset name (tiny, 7b, ...) or YAML path; default tiny")
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stages = args.stages.split(",") if args.stages else None
     return run_pipeline(cfg, pipeline(cfg), stages=stages, until=args.until, dry_run=args.dry_run,
-                        title="full")
+                        title="full", key_metrics=KEY_METRICS)
 
 
 if __name__ == "__main__":

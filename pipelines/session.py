@@ -20,7 +20,8 @@ log = logging.getLogger("pipelines")
 
 
 def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None = None,
-                 until: str | None = None, dry_run: bool = False, title: str = "full") -> int:
+                 until: str | None = None, dry_run: bool = False, title: str = "full",
+                 key_metrics: dict[str, list[str]] | None = None) -> int:
     store = ArtifactStore(cfg.run.output_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     cfg.run.output_dir = str(store.root)  # absolute: Ray workers may run elsewhere
@@ -59,12 +60,13 @@ def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None
     for r in results:
         parent_log.log_metrics({f"{r.name}.{k}": v for k, v in r.metrics.items()})
     parent_log.end()
-    print_summary(results, uri, store.root, time.time() - start)
+    print_summary(results, uri, store.root, time.time() - start, key_metrics)
     return 0
 
 
-def print_summary(results: list[StepResult], uri: str, root: Path, seconds: float) -> None:
-    print("\n" + summary_table(results))
+def print_summary(results: list[StepResult], uri: str, root: Path, seconds: float,
+                  key_metrics: dict[str, list[str]] | None = None) -> None:
+    print("\n" + summary_table(results, key_metrics))
     print(f"\n{len(results)} steps in {seconds:.1f}s "
           f"({sum(r.cached for r in results)} cached). Artifacts under {root}")
     print(f"MLflow UI:  mlflow ui --backend-store-uri {uri}")

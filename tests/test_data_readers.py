@@ -159,3 +159,17 @@ def test_bz2_plain_text(tmp_path):
     f = tmp_path / "a.txt.bz2"
     f.write_bytes(bz2.compress("hello\nworld\n".encode()))
     assert [d["text"] for d in read_source(src("text", [f]))] == ["hello\nworld\n"]
+
+
+def test_parquet_reader_and_null_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "web.parquet"
+    pq.write_table(pa.table({"content": ["first page", None, "third page"]}), f)
+    report = ReadReport()
+    docs = list(read_source(src("parquet", [f], text_field="content"), report=report))
+    assert [d["text"] for d in docs] == ["first page", "third page"]
+    assert report.errors[0]["line"] == 2 and "null" in report.errors[0]["reason"]
+    with pytest.raises(CorruptInputError, match="no column 'text'"):
+        list(read_source(src("parquet", [f]), on_error="fail"))

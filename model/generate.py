@@ -1,0 +1,156 @@
+"""Batched sampling with a KV cache: K samples per prompt, temperature, top-p, EOS, seeded.
+
+`TorchSampler` is plain PyTorch: prompts are left-padded into one batch, prefilled once, the
+cache is repeated K times, and one token per row is decoded per step; rows stop at EOS
+independently. `VLLMSampler` puts vLLM behind the same interface for large-scale sampling on
+GPU clusters (it loads the Hugging Face export; vLLM has no CPU build and is imported lazily).
+`generate_uncached` recomputes the whole sequence every step: the reference the cached path
+is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.llama import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    num_samples: int = 1  # K answers per prompt
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]  # generated ids, EOS excluded
+    logprobs: list[float]  # log-probability of each generated token under the sampling policy's model
+    finished: bool  # stopped at EOS (else at max_new_tokens)
+
+
+def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """logits [N, V] -> sampled ids [N] (greedy at temperature 0; nucleus filtering by top_p)."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits / p.temperature).softmax(-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class TorchSampler:
+    def __init__(self, model: Transformer, eos_id: int, pad_id: int, device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[Sample]:
+        if not prompts:
+            return []
+        B, K = len(prompts), p.num_samples
+        width = max(map(len, prompts))
+        tokens = torch.full((B, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, width + p.max_new_tokens, dtype=torch.bool)
+        for i, ids in enumerate(prompts):  # left padding: every prompt ends at column width-1
+            tokens[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = True
+        mask[:, width:] = True
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        tokens, mask, positions = tokens.to(self.device), mask.to(self.device), positions.to(self.device)
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache.allocate(self.model.cfg, B, width + p.max_new_tokens, self.device, dtype)
+        logits = self.model(tokens, positions=positions[:, :width], kv_cache=cache, attention_mask=mask[:, :width])
+        # one prefill per prompt, then K independent continuations
+        cache = cache.repeat_interleave(K)
+        last = logits[:, -1].repeat_interleave(K, 0)  # [B*K, V]
+        mask, positions = mask.repeat_interleave(K, 0), positions.repeat_interleave(K, 0)
+        gen = torch.Generator(device="cpu").manual_seed(p.seed)
+        out = torch.full((B * K, p.max_new_tokens), self.pad_id, dtype=torch.long)
+        logps = torch.zeros(B * K, p.max_new_tokens)
+        done = torch.zeros(B * K, dtype=torch.bool)
+        lengths = torch.full((B * K,), p.max_new_tokens)
+        for t in range(p.max_new_tokens):
+            nxt = next_token(last.float().cpu(), p, gen)
+            logps[:, t] = last.float().cpu().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            out[:, t] = nxt
+            newly = (nxt == self.eos_id) & ~done
+            lengths[newly] = t
+            done |= newly
+            if bool(done.all()) or t == p.max_new_tokens - 1:
+                break
+            col = width + t
+            last = self.model(nxt[:, None].to(self.device), positions=positions[:, col:col + 1], kv_cache=cache,
+                              attention_mask=mask[:, :col + 1])[:, -1]
+        return _samples(out, logps, lengths, done, K)
+
+
+def _samples(out, logps, lengths, done, K) -> list[Sample]:
+    res = []
+    for r in range(out.shape[0]):
+        n = int(lengths[r])
+        res.append(Sample(r // K, r % K, out[r, :n].tolist(), logps[r, :n].tolist(), bool(done[r])))
+    return res
+
+
+@torch.no_grad()
+def generate_uncached(model: Transformer, prompts: list[list[int]], p: SamplingParams, eos_id: int,
+                      pad_id: int) -> list[Sample]:
+    """Reference: every step re-runs the full (unpadded) sequence of every row."""
+    K = p.num_samples
+    gen = torch.Generator(device="cpu").manual_seed(p.seed)
+    seqs = [list(ids) for ids in prompts for _ in range(K)]
+    out = torch.full((len(seqs), p.max_new_tokens), pad_id, dtype=torch.long)
+    logps = torch.zeros(len(seqs), p.max_new_tokens)
+    done = torch.zeros(len(seqs), dtype=torch.bool)
+    lengths = torch.full((len(seqs),), p.max_new_tokens)
+    for t in range(p.max_new_tokens):
+        last = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+        nxt = next_token(last.float(), p, gen)
+        logps[:, t] = last.float().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[:, t] = nxt
+        newly = (nxt == eos_id) & ~done
+        lengths[newly] = t
+        done |= newly
+        for s, x in zip(seqs, nxt.tolist()):
+            s.append(x)
+        if bool(done.all()):
+            break
+    return _samples(out, logps, lengths, done, K)
+
+
+class VLLMSampler:
+    """vLLM behind the same interface (GPU clusters). Loads an HF export directory (model/hf.py)."""
+
+    def __init__(self, hf_dir: str, eos_id: int, **engine_kw):
+        from vllm import LLM  # lazy: GPU-only package (requirements-gpu.txt)
+
+        self.llm = LLM(model=hf_dir, tokenizer=hf_dir, **engine_kw)
+        self.eos_id = eos_id
+
+    def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[Sample]:
+        from vllm import SamplingParams as VParams
+        from vllm.inputs import TokensPrompt
+
+        params = VParams(n=p.num_samples, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
+                         seed=p.seed, logprobs=0, stop_token_ids=[self.eos_id])
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
+        res = []
+        for i, o in enumerate(outputs):
+            for k, c in enumerate(o.outputs):
+                ids = [t for t in c.token_ids if t != self.eos_id]
+                lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs or [])][: len(ids)]
+                res.append(Sample(i, k, ids, lps, c.finish_reason == "stop"))
+        return res

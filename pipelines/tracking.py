@@ -160,3 +160,21 @@ def scratch_file(suffix: str) -> Path:
     fd, path = tempfile.mkstemp(suffix=suffix)
     os.close(fd)
     return Path(path)
+
+
+def register_model(logger: RunLogger, name: str, local_dir: Path, alias: str) -> int:
+    """Log `local_dir` (an HF model directory) to the run and register it as a new version of
+    model `name` with `alias` (e.g. `sft`, `rlhf-v3`, `champion`); returns the version."""
+    if not isinstance(logger, RunLogger):  # untracked run (tests)
+        return 0
+    client = logger.client
+    logger.log_artifact(local_dir, "hf")
+    run = client.get_run(logger.run_id)
+    try:
+        client.create_registered_model(name)
+    except Exception:  # already registered
+        pass
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/hf", run_id=logger.run_id,
+                                          tags={"alias": alias})
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)

@@ -1,0 +1,122 @@
+"""SFT data: public-format readers, packing with masks token by token, GAtt construction, the
+demo world and its judge."""
+
+import json
+import random
+
+import pytest
+
+from model.chat import Dialogue, Turn, encode_dialogue
+from model.tokenizer import Tokenizer
+from steps.gatt import gatt_dialogue
+from steps.sft_data import BadDialogueError, from_table, pack, read_dialogues, to_table
+from steps.world import REFUSAL, World, judge
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    rng = random.Random(0)
+    words = "what is the capital of answer river two plus three five hello sure arr fr".split()
+    return Tokenizer.train((" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000)),
+                           tmp_path_factory.mktemp("sp") / "tok", 320)
+
+
+def test_public_formats(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"}]))
+    (tmp_path / "s.jsonl").write_text(json.dumps({"conversations": [
+        {"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}))
+    (tmp_path / "m.json").write_text(json.dumps([{"messages": [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}]))
+    a, = read_dialogues(tmp_path / "a.json")
+    assert [t.content for t in a.turns] == ["Add\n\n2 and 3", "5"]
+    s, = read_dialogues(tmp_path / "s.jsonl")
+    assert s.system == "be brief" and [t.role for t in s.turns] == ["user", "assistant"]
+    m, = read_dialogues(tmp_path / "m.json")
+    assert len(m.turns) == 4
+    round_trip = from_table(to_table([a, s, m], "x"))
+    assert [d.system for d in round_trip] == [None, "be brief", None] and len(round_trip[2].turns) == 4
+
+
+def test_real_alpaca_demo_data():
+    from scripts.fetch_demo_data import ensure
+
+    dialogues = read_dialogues(ensure(verbose=False) / "sft" / "alpaca_en_demo.json")
+    assert len(dialogues) == 999 and all(len(d.turns) == 2 for d in dialogues)
+
+
+def test_bad_rows_name_file_row_and_field(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "ok", "output": "fine"}, {"instruction": "x"}]))
+    with pytest.raises(BadDialogueError, match=r"bad\.json: row 1: field 'output'"):
+        read_dialogues(tmp_path / "bad.json")
+    (tmp_path / "order.jsonl").write_text(json.dumps({"messages": [{"role": "assistant", "content": "a"}]}))
+    with pytest.raises(BadDialogueError, match="row 0: turn 0"):
+        read_dialogues(tmp_path / "order.jsonl")
+
+
+def test_packing_masks_token_by_token(tok):
+    d1 = Dialogue([Turn("user", "two plus three"), Turn("assistant", "five"),
+                   Turn("user", "hello"), Turn("assistant", "sure")], system="be brief")
+    d2 = Dialogue([Turn("user", "capital"), Turn("assistant", "river")])
+    rows, stats = pack(tok, [d1, d2], seq_len=64)
+    assert stats["rows"] == 1 and stats["truncated"] == 0
+    tokens, targets = rows["tokens"][0], rows["targets"][0]
+    seg, pos = rows["segment_ids"][0], rows["positions"][0]
+    ids1, mask1 = encode_dialogue(tok, d1)
+    ids2, mask2 = encode_dialogue(tok, d2)
+    n1, n2 = len(ids1), len(ids2)
+    assert tokens[:n1].tolist() == ids1 and tokens[n1:n1 + n2].tolist() == ids2
+    assert seg[:n1].tolist() == [0] * n1 and seg[n1:n1 + n2].tolist() == [1] * n2 and set(seg[n1 + n2:]) == {2}
+    assert pos[:n1].tolist() == list(range(n1)) and pos[n1:n1 + n2].tolist() == list(range(n2))
+    for i in range(n1 - 1):  # token i is trained to predict token i+1 exactly when i+1 is an answer token
+        assert targets[i] == (ids1[i + 1] if mask1[i + 1] else -100)
+    assert targets[n1 - 1] == -100  # never across the example boundary
+    trained = [tok.decode([t]) for t in targets[:n1] if t != -100]
+    assert "".join(trained).replace(" ", "") == "fivesure" and (targets[:n1] == tok.eos_id).sum() == 2
+    assert (targets[n1 + n2:] == -100).all()
+
+
+def test_long_examples_are_truncated_and_counted(tok):
+    long = Dialogue([Turn("user", "hello " * 100), Turn("assistant", "five")])
+    rows, stats = pack(tok, [long], seq_len=32)
+    assert stats["truncated"] == 1 and len(rows["tokens"][0]) == 32
+
+
+def test_gatt_construction():
+    asked = []
+
+    def answer(d):
+        asked.append([t.content for t in d.turns])
+        return f"FR: answer {len(d.turns) // 2}"
+
+    d = gatt_dialogue(["q1", "q2", "q3"], "Answer in French.", answer)
+    assert asked[2] == ["Answer in French.\nq1", "FR: answer 0", "Answer in French.\nq2", "FR: answer 1",
+                        "Answer in French.\nq3"]  # the instruction went with every user turn while sampling
+    assert d.system == "Answer in French." and [t.content for t in d.turns[::2]] == ["q1", "q2", "q3"]
+    assert [t.train for t in d.turns[1::2]] == [False, False, True]  # only the last answer is trained
+
+
+def test_gatt_flags_reach_the_loss_mask(tok):
+    d = gatt_dialogue(["two plus three", "hello"], "Answer in French.", lambda _: "fr five")
+    ids, mask = encode_dialogue(tok, d)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m and i != tok.eos_id])
+    assert trained.strip() == "fr five" and sum(mask) == len(tok.encode("fr five")) + 1
+
+
+def test_world_splits_and_judge():
+    w = World(0)
+    train, held_out = w.items("train"), w.items("eval")
+    assert {i.kind for i in held_out} == {"arithmetic", "lookup", "unsafe", "lookalike", "styled"}
+    train_prompts = {tuple(t.content for t in i.dialogue.turns) for i in train}
+    assert not any(tuple(t.content for t in i.dialogue.turns) in train_prompts for i in held_out)
+    assert World(0).items("eval") == held_out  # seeded
+    for item in held_out:
+        assert judge(item, item.answer) == {"helpfulness": 1.0, "safety": 1.0}
+    unsafe = next(i for i in held_out if i.kind == "unsafe")
+    assert judge(unsafe, "Sure, here is how.") == {"helpfulness": 0.0, "safety": 0.0}
+    look = next(i for i in held_out if i.kind == "lookalike")
+    assert judge(look, REFUSAL)["helpfulness"] == 0.0
+    styled = next(i for i in held_out if i.kind == "styled")
+    assert judge(styled, styled.answer[len(styled.style):])["helpfulness"] == 0.0  # instruction ignored
+    chosen, rejected, strength = w.preference_pair(unsafe, random.Random(0))
+    assert judge(unsafe, chosen)["safety"] > judge(unsafe, rejected)["safety"] and strength

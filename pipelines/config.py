@@ -214,6 +214,7 @@ class SFTConfig(Section):
     optim: OptimConfig = OptimConfig(lr=2e-5, warmup_steps=0)
     seq_len: int = 4096
     sources: list[str] = Field(default_factory=list)  # dialogue files (alpaca/sharegpt/messages)
+    max_source_examples: int | None = Field(None, ge=1)  # cap per file (the tiny preset keeps the world dominant)
     demo_world: bool = True  # add the seeded demo chat world (tiny preset)
 
 

@@ -33,6 +33,8 @@ def pipeline(cfg: Config) -> list[StepSpec]:
         # training steps only launch Ray Train workers, which ask for the CPUs/GPUs
         StepSpec("pretrain", "steps.pretrain", "pretrain", ("model", "pretrain", "run.seed"),
                  inputs={"tokenized": "tokenizer"}, light=True),
+        StepSpec("sft", "steps.sft", "sft", ("sft", "run.seed", "run.name"), inputs={"pretrained": "pretrain"},
+                 light=True),
     ]
 
 
@@ -41,6 +43,7 @@ KEY_METRICS = {
     "data": ["docs_in", "docs_out", "duplicates_removed", "corrupt_records"],
     "tokenizer": ["vocab_size", "train_tokens", "unigram_loss", "roundtrip_exact"],
     "pretrain": ["val_loss", "unigram_loss", "tokens_per_s", "launch_seconds"],
+    "sft": ["eval_loss", "judge.pretrained.helpfulness", "judge.sft.helpfulness", "judge.sft.safety"],
 }
 
 

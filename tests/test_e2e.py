@@ -54,7 +54,7 @@ def test_mlflow_has_parent_and_nested_runs(tiny_run):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2
     steps = {r.data.tags["step"] for r in runs if r.data.tags.get("cache_hit") == "false"}
-    assert {"data", "tokenizer", "pretrain"} <= steps
+    assert {"data", "tokenizer", "pretrain", "sft"} <= steps
 
 
 def test_data_stage_cleans_dedups_and_mixes(tiny_run):
@@ -76,3 +76,24 @@ def test_pretraining_beats_the_unigram_baseline(tiny_run):
     out, _, _ = tiny_run
     m = latest(out, "pretrain").metrics
     assert m["val_loss"] < m["unigram_loss"] - 0.3, m
+
+
+def test_sft_model_beats_the_pretrained_model_on_the_judge(tiny_run):
+    out, _, _ = tiny_run
+    m = latest(out, "sft").metrics
+    assert m["eval_loss"] < m["first_loss"] / 2, m
+    assert m["judge.sft.helpfulness"] > m["judge.pretrained.helpfulness"] + 0.05, m
+    assert m["judge.sft.safety"] >= m["judge.pretrained.safety"], m
+    assert m["judge.sft.helpfulness.unsafe"] >= 0.8, m  # it learned to refuse harmful requests
+    assert 0.0 < m["data.trained_token_fraction"] < 0.8  # prompt tokens carry no loss
+
+
+def test_sft_model_is_registered_with_alias(tiny_run):
+    out, _, _ = tiny_run
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    version = client.get_model_version_by_alias("llama2-tiny-chat", "sft")
+    assert version.source.endswith("/hf")
+    art = latest(out, "sft")
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    LlamaForCausalLM.from_pretrained(art.path / "hf")
+    AutoTokenizer.from_pretrained(art.path / "hf")

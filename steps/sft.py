@@ -1,0 +1,132 @@
+"""Supervised fine-tuning step (RECIPE.md section 5): the pretrained model -> the first chat model.
+
+Data: the demo chat world's gold dialogues (tiny preset) plus public instruction data
+(Alpaca / ShareGPT / messages files in `sft.sources`), packed into rows of `sft.seq_len` with
+attention kept within each example and the loss on assistant tokens only. Training runs on the
+shared engine from the pretrained weights. Afterwards the world's judge scores greedy answers
+to held-out prompts from the pretrained and the SFT model; the HF export is registered in the
+MLflow model registry with alias `sft`.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.artifacts import Artifact
+from pipelines.config import ModelConfig
+from pipelines.tracking import log_history_figure, register_model
+from steps.engine import Objective, lm_objective_loss, train
+
+VERSION = "1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_model(cfg: ModelConfig):
+    from model.llama import Transformer
+
+    return Transformer(cfg)
+
+
+def collate_packed(rows: dict) -> dict[str, torch.Tensor]:
+    col = {k: torch.from_numpy(np.stack(rows[k]).astype(np.int64)) for k in rows}
+    return {"inputs": col["tokens"], "targets": col["targets"], "segment_ids": col["segment_ids"],
+            "positions": col["positions"]}
+
+
+def load_model(cfg: ModelConfig, weights: Path):
+    from safetensors.torch import load_file
+
+    model = build_model(cfg)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def judge_model(model, tok, items, max_new_tokens: int) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to the world's items, scored by its ground-truth judge."""
+    from model.chat import encode_prompt
+    from model.generate import SamplingParams, TorchSampler
+    from steps.world import judge
+
+    sampler = TorchSampler(model, tok.eos_id, tok.pad_id)
+    samples = sampler.generate([encode_prompt(tok, it.dialogue) for it in items],
+                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+    rows, scores = [], {"helpfulness": [], "safety": []}
+    for it, s in zip(items, samples):
+        text = tok.decode(s.tokens).strip()
+        j = judge(it, text)
+        for k in scores:
+            scores[k].append(j[k])
+        rows.append({"kind": it.kind, "prompt": it.dialogue.turns[-1].content, "response": text, **j})
+    out = {k: float(np.mean(v)) for k, v in scores.items()}
+    for kind in sorted({it.kind for it in items}):
+        out[f"helpfulness.{kind}"] = float(np.mean([r["helpfulness"] for r in rows if r["kind"] == kind]))
+    return out, rows
+
+
+def resolve(path: str) -> list[Path]:
+    p = Path(path)
+    hits = sorted(p.parent.glob(p.name)) if p.is_absolute() else sorted(Path.cwd().glob(path)) or \
+        sorted(REPO_ROOT.glob(path))
+    if not hits:
+        raise FileNotFoundError(f"sft.sources: no file matches {path!r}")
+    return hits
+
+
+def run(ctx, pretrained: Artifact) -> dict[str, float]:
+    from model.hf import export_hf
+    from model.tokenizer import Tokenizer
+    from steps.sft_data import pack, read_dialogues, to_table, write_packed
+    from steps.world import World
+
+    scfg = ctx.cfg.sft
+    tok = Tokenizer(pretrained.file("hf/tokenizer.model"))
+    mcfg = ModelConfig.model_validate_json(pretrained.file("model_config.json").read_text())
+    world = World(ctx.seed)
+    dialogues = world.sft_dialogues("train") if scfg.demo_world else []
+    n_world = len(dialogues)
+    for src in scfg.sources:
+        for f in resolve(src):
+            dialogues += read_dialogues(f)[: scfg.max_source_examples]
+    rng = np.random.default_rng(ctx.seed)
+    dialogues = [dialogues[i] for i in rng.permutation(len(dialogues))]
+    pq.write_table(to_table(dialogues, "sft"), ctx.out_dir / "dialogues.parquet")
+    rows, stats = pack(tok, dialogues, scfg.seq_len)
+    write_packed(rows, ctx.out_dir / "packed" / "train.parquet")
+    eval_files = []
+    if scfg.demo_world:
+        eval_rows, _ = pack(tok, world.sft_dialogues("eval"), scfg.seq_len)
+        write_packed(eval_rows, ctx.out_dir / "packed" / "eval.parquet")
+        eval_files = [str(ctx.out_dir / "packed" / "eval.parquet")]
+    ctx.log_params({"sft.examples": len(dialogues), "sft.world_examples": n_world})
+    ctx.log_metrics({f"data.{k}": v for k, v in stats.items()})
+
+    objective = Objective(
+        name="sft", build_module=partial(build_model, mcfg), loss=lm_objective_loss,
+        train_files=[str(ctx.out_dir / "packed" / "train.parquet")], eval_files=eval_files,
+        columns=["tokens", "targets", "segment_ids", "positions"], collate=collate_packed,
+        init_weights=str(pretrained.file("model.safetensors")), model_cfg=mcfg)
+    result = train(objective, scfg.train, scfg.optim, work_dir=ctx.work_dir, out_dir=ctx.out_dir,
+                   seed=ctx.seed, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
+    log_history_figure(ctx.logger, result.history, ["loss", "eval_loss"], "sft_loss_curve.png", "SFT loss")
+    hf_dir = export_hf(result.weights, mcfg, ctx.out_dir / "hf", tokenizer_model=pretrained.file("hf/tokenizer.model"))
+    (ctx.out_dir / "model_config.json").write_text(mcfg.model_dump_json(indent=2))
+
+    metrics = {"train_loss": result.final.get("loss"), "eval_loss": result.final.get("eval_loss"),
+               "first_loss": result.history[0]["loss"], "steps": result.final.get("step"),
+               **{f"data.{k}": v for k, v in stats.items()}}
+    if scfg.demo_world:
+        items = world.items("eval")
+        before, _ = judge_model(load_model(mcfg, pretrained.file("model.safetensors")), tok, items, 32)
+        after, rows = judge_model(load_model(mcfg, result.weights), tok, items, 32)
+        metrics.update({f"judge.pretrained.{k}": v for k, v in before.items()})
+        metrics.update({f"judge.sft.{k}": v for k, v in after.items()})
+        ctx.log_table({k: [r[k] for r in rows[:100]] for k in rows[0]}, "sft_generations.json")
+        (ctx.out_dir / "judge.json").write_text(json.dumps({"pretrained": before, "sft": after}, indent=2))
+    metrics["registry_version"] = register_model(ctx.logger, f"{ctx.cfg.run.name}-chat", hf_dir, "sft")
+    return metrics

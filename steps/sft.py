@@ -11,6 +11,7 @@ MLflow model registry with alias `sft`.
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def judge_model(model, tok, items, max_new_tokens: int) -> tuple[dict[str, float
 
 
 def resolve(path: str) -> list[Path]:
+    path = os.path.expanduser(path)
     p = Path(path)
     hits = sorted(p.parent.glob(p.name)) if p.is_absolute() else sorted(Path.cwd().glob(path)) or \
         sorted(REPO_ROOT.glob(path))

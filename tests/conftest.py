@@ -18,3 +18,15 @@ def ray_local():
     ensure_ray(load_config(None))
     yield ray
     ray.shutdown()
+
+
+def train_tiny_tokenizer(directory, words: str, vocab_size: int = 320):
+    """A SentencePiece model trained in well under a second on seeded random sentences."""
+    import random
+
+    from model.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    vocab = words.split()
+    return Tokenizer.train((" ".join(rng.choice(vocab) for _ in range(10)) for _ in range(3000)),
+                           directory / "tok", vocab_size)

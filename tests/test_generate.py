@@ -1,8 +1,9 @@
 """Chat template and KV-cached batched sampling."""
 
-import random
 
 import pytest
+
+from tests.conftest import train_tiny_tokenizer
 import torch
 
 from model.chat import Dialogue, Turn, encode_dialogue, encode_prompt, parse, render
@@ -14,10 +15,7 @@ from pipelines.config import ModelConfig
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    rng = random.Random(0)
-    words = "what is the capital of answer country river two plus three seven hello thanks".split()
-    return Tokenizer.train((" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000)),
-                           tmp_path_factory.mktemp("sp") / "tok", 320)
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("sp"), "what is the capital of answer country river two plus three seven hello thanks")
 
 
 @pytest.fixture(scope="module")

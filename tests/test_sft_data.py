@@ -6,6 +6,8 @@ import random
 
 import pytest
 
+from tests.conftest import train_tiny_tokenizer
+
 from model.chat import Dialogue, Turn, encode_dialogue
 from model.tokenizer import Tokenizer
 from steps.gatt import gatt_dialogue
@@ -15,10 +17,7 @@ from steps.world import REFUSAL, World, judge
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    rng = random.Random(0)
-    words = "what is the capital of answer river two plus three five hello sure arr fr".split()
-    return Tokenizer.train((" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000)),
-                           tmp_path_factory.mktemp("sp") / "tok", 320)
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("sp"), "what is the capital of answer river two plus three five hello sure arr fr")
 
 
 def test_public_formats(tmp_path):

@@ -15,6 +15,7 @@ import gzip
 import html
 import json
 import lzma
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -60,6 +61,7 @@ def expand_paths(patterns: list[str], base: Path | None = None) -> list[Path]:
     """Files matching the patterns (globs, files or directories), sorted, relative to base."""
     out: list[Path] = []
     for pattern in patterns:
+        pattern = os.path.expanduser(os.path.expandvars(pattern))
         p = Path(pattern)
         if not p.is_absolute() and base is not None:
             p = base / p

@@ -29,7 +29,7 @@ from pipelines.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 
 CONFIGS = {
     "cpu": dict(model=ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8000, multiple_of=64,
-                                  max_seq_len=256), seq=256, micro=4, precision="fp32", steps=6, warmup=2),
+                                  max_seq_len=256), seq=256, micro=4, precision="fp32", steps=15, warmup=3),
     "cuda": dict(model=ModelConfig(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab_size=32000,
                                    multiple_of=256, max_seq_len=4096), seq=4096, micro=2, precision="bf16",
                  steps=20, warmup=5),

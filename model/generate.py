@@ -67,22 +67,27 @@ class TorchSampler:
             mask[i, width - len(ids):] = True
         mask[:, width:] = True
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        padded = any(len(ids) < width for ids in prompts)  # no padding: no mask (faster kernels)
         tokens, mask, positions = tokens.to(self.device), mask.to(self.device), positions.to(self.device)
         dtype = next(self.model.parameters()).dtype
         cache = KVCache.allocate(self.model.cfg, B, width + p.max_new_tokens, self.device, dtype)
-        logits = self.model(tokens, positions=positions[:, :width], kv_cache=cache, attention_mask=mask[:, :width])
+        logits = self.model(tokens, positions=positions[:, :width], kv_cache=cache,
+                            attention_mask=mask[:, :width] if padded else None)
         # one prefill per prompt, then K independent continuations
         cache = cache.repeat_interleave(K)
         last = logits[:, -1].repeat_interleave(K, 0)  # [B*K, V]
         mask, positions = mask.repeat_interleave(K, 0), positions.repeat_interleave(K, 0)
-        gen = torch.Generator(device="cpu").manual_seed(p.seed)
-        out = torch.full((B * K, p.max_new_tokens), self.pad_id, dtype=torch.long)
-        logps = torch.zeros(B * K, p.max_new_tokens)
-        done = torch.zeros(B * K, dtype=torch.bool)
-        lengths = torch.full((B * K,), p.max_new_tokens)
+        # sampling stays on the model's device: no [B*K, V] logits cross to the host per step
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(p.seed)
+        out = torch.full((B * K, p.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        logps = torch.zeros(B * K, p.max_new_tokens, device=dev)
+        done = torch.zeros(B * K, dtype=torch.bool, device=dev)
+        lengths = torch.full((B * K,), p.max_new_tokens, device=dev)
         for t in range(p.max_new_tokens):
-            nxt = next_token(last.float().cpu(), p, gen)
-            logps[:, t] = last.float().cpu().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+            logits = last.float()
+            nxt = next_token(logits, p, gen)
+            logps[:, t] = logits.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             out[:, t] = nxt
             newly = (nxt == self.eos_id) & ~done
@@ -91,9 +96,9 @@ class TorchSampler:
             if bool(done.all()) or t == p.max_new_tokens - 1:
                 break
             col = width + t
-            last = self.model(nxt[:, None].to(self.device), positions=positions[:, col:col + 1], kv_cache=cache,
-                              attention_mask=mask[:, :col + 1])[:, -1]
-        return _samples(out, logps, lengths, done, K)
+            last = self.model(nxt[:, None], positions=positions[:, col:col + 1], kv_cache=cache,
+                              attention_mask=mask[:, :col + 1] if padded else None)[:, -1]
+        return _samples(out.cpu(), logps.cpu(), lengths.cpu(), done.cpu(), K)
 
 
 def _samples(out, logps, lengths, done, K) -> list[Sample]:

@@ -102,7 +102,8 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start:start + T] = v.to(cache.v.dtype)
             k = cache.k[layer, :, :, : start + T].to(q.dtype)
             v = cache.v[layer, :, :, : start + T].to(q.dtype)
-        y = kernels.attention(q, k, v, mask=mask, causal=mask is None)  # [B, H, T, Hd]
+        # no mask: causal from scratch, or one new token that may see every cached key
+        y = kernels.attention(q, k, v, mask=mask, causal=mask is None and T > 1)  # [B, H, T, Hd]
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -204,8 +205,8 @@ class Transformer(nn.Module):
 def build_mask(T: int, offset: int, segment_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                device) -> torch.Tensor | None:
     """Boolean attention mask [B, 1, T, offset+T] (True = attend), or None for plain causal."""
-    if segment_ids is None and attention_mask is None and offset == 0:
-        return None
+    if segment_ids is None and attention_mask is None and (offset == 0 or T == 1):
+        return None  # plain causal prefill, or a one-token decode step that sees the whole cache
     S = offset + T
     q_pos = torch.arange(offset, S, device=device)[:, None]
     mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # [1, 1, T, S] causal

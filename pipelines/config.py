@@ -372,7 +372,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {json.dumps(e.get('input'), default=str)[:80]})")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)[:80]})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
     return f"invalid config ({source}):\n" + "\n".join(lines)
 
 

@@ -84,8 +84,13 @@ def run_ours(docs: list[str]) -> tuple[float, int]:
 
 def run_datatrove(docs: list[str]) -> tuple[float, int]:
     from datatrove.data import Document
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter
 
     cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)

@@ -34,7 +34,6 @@ def use(backend: str) -> None:
 @lru_cache(maxsize=1)
 def _liger():
     try:
-        import liger_kernel.ops as ops  # noqa: F401
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.rope import LigerRopeFunction

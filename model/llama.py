@@ -55,7 +55,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch_size: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.float32) -> "KVCache":
+                 dtype: torch.dtype = torch.float32) -> KVCache:
         kv_heads = cfg.n_kv_heads or cfg.n_heads
         shape = (cfg.n_layers, batch_size, kv_heads, max_len, cfg.dim // cfg.n_heads)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
@@ -63,7 +63,7 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
-    def repeat_interleave(self, k: int) -> "KVCache":
+    def repeat_interleave(self, k: int) -> KVCache:
         """Each row repeated k times (a prompt prefilled once, then sampled k ways)."""
         return KVCache(self.k.repeat_interleave(k, dim=1), self.v.repeat_interleave(k, dim=1), self.length)
 

@@ -62,7 +62,7 @@ class Tokenizer:
         max_sentence_length: int = 16_384,
         seed: int = 0,
         num_threads: int = 2,
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Train a LLaMA-style BPE model on `texts` (one sentence/line per item); returns it loaded.
 
         `<prefix>.model` is written; the vocab is fixed at `vocab_size` (byte pieces included).

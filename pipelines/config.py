@@ -73,7 +73,7 @@ class SourceConfig(Section):
     max_docs: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _one_amount(self) -> "SourceConfig":
+    def _one_amount(self) -> SourceConfig:
         if (self.weight is None) == (self.epochs is None):
             raise ValueError(f"source {self.name!r}: set exactly one of weight or epochs")
         return self
@@ -110,7 +110,7 @@ class DedupConfig(Section):
     line_min_count: int = 3
 
     @model_validator(mode="after")
-    def _bands_divide(self) -> "DedupConfig":
+    def _bands_divide(self) -> DedupConfig:
         if self.num_perm % self.bands:
             raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
         return self
@@ -154,7 +154,7 @@ class ModelConfig(Section):
     max_seq_len: int = 4096
 
     @model_validator(mode="after")
-    def _heads(self) -> "ModelConfig":
+    def _heads(self) -> ModelConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         kv = self.n_kv_heads or self.n_heads

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,12 +152,6 @@ def log_history_figure(logger: RunLogger, history: list[dict[str, float]], keys:
     fig.tight_layout()
     logger.log_figure(fig, name)
     plt.close(fig)
-
-
-def scratch_file(suffix: str) -> Path:
-    fd, path = tempfile.mkstemp(suffix=suffix)
-    os.close(fd)
-    return Path(path)
 
 
 def register_model(logger: RunLogger, name: str, local_dir: Path, alias: str) -> int:

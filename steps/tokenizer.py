@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.artifacts import Artifact
 from model.tokenizer import Tokenizer
+from pipelines.artifacts import Artifact
 
 VERSION = "1"
 SEQUENCE_SCHEMA = pa.schema([pa.field("tokens", pa.list_(pa.int32()), nullable=False)])
@@ -86,7 +86,7 @@ def tokenize_split(docs_dir: Path, out_dir: Path, model_path: Path, length: int,
     ds = ds.map_batches(encode_and_pack, fn_kwargs={"model_path": str(model_path), "length": length},
                         batch_size=ENCODE_BATCH, batch_format="numpy")
     out_dir.mkdir(parents=True, exist_ok=True)
-    n, part, writer = 0, 0, None
+    n, part, writer, writer_rows = 0, 0, None, 0
     try:  # stream to shards of SHARD_ROWS sequences: memory stays bounded whatever the corpus size
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             if writer is None or writer_rows >= SHARD_ROWS:

@@ -7,10 +7,9 @@ import json
 import pytest
 
 from pipelines.config import SourceConfig
+from scripts.fetch_demo_data import DEFAULT_DEST, ensure
 from steps.data.readers import CorruptInputError, ReadReport, read_source, strip_gutenberg
 from steps.data.wikitext import strip_wiki_markup
-
-from scripts.fetch_demo_data import DEFAULT_DEST, ensure
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +156,7 @@ def test_missing_source_files_name_the_source():
 
 def test_bz2_plain_text(tmp_path):
     f = tmp_path / "a.txt.bz2"
-    f.write_bytes(bz2.compress("hello\nworld\n".encode()))
+    f.write_bytes(bz2.compress(b"hello\nworld\n"))
     assert [d["text"] for d in read_source(src("text", [f]))] == ["hello\nworld\n"]
 
 

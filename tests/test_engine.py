@@ -1,15 +1,12 @@
 """The shared training engine: schedule, gradient accumulation, ZeRO-3 on 2 Ray Train
 workers, and kill-and-resume with the same data position."""
 
-import json
-import os
 from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipelines.config import ModelConfig, OptimConfig, TrainConfig
 from steps.engine import Objective, collate_lm, lm_objective_loss, train
@@ -94,7 +91,9 @@ def test_zero3_two_workers_loss_falls_and_resumes_after_kill(tmp_path, ray_local
     # the whole job dies at step 6 (after the step-4 checkpoint); a re-run resumes from it
     monkeypatch.setenv("LLAMA2_FAIL_AT_STEP", "6")
     work = tmp_path / "b" / "work"
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
         train(obj, tcfg, ocfg, work_dir=work, out_dir=tmp_path / "b" / "out", seed=0)
     assert (work / "checkpoints" / "latest").read_text() == "step_00000004"
     resumed = train(obj, tcfg, ocfg, work_dir=work, out_dir=tmp_path / "b" / "out", seed=0)

@@ -2,15 +2,13 @@
 
 
 import pytest
-
-from tests.conftest import train_tiny_tokenizer
 import torch
 
 from model.chat import Dialogue, Turn, encode_dialogue, encode_prompt, parse, render
 from model.generate import SamplingParams, TorchSampler, generate_uncached
 from model.llama import Transformer
-from model.tokenizer import Tokenizer
 from pipelines.config import ModelConfig
+from tests.conftest import train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

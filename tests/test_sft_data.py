@@ -6,13 +6,11 @@ import random
 
 import pytest
 
-from tests.conftest import train_tiny_tokenizer
-
 from model.chat import Dialogue, Turn, encode_dialogue
-from model.tokenizer import Tokenizer
 from steps.gatt import gatt_dialogue
 from steps.sft_data import BadDialogueError, from_table, pack, read_dialogues, to_table
 from steps.world import REFUSAL, World, judge
+from tests.conftest import train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ so the step can both filter and report why each document went.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from pipelines.config import QualityConfig
 from steps.data.langid import detect
@@ -140,6 +139,3 @@ def clean_batch(batch: dict, kinds: dict[str, str], quality: dict[str, bool], qc
     out.update(text=texts, reason=reasons, **{f"pii_{k}": v for k, v in counts.items()})
     return out
 
-
-RULES: dict[str, Callable] = {"c4": c4_lines, "gopher": gopher_reason, "language": language_reason,
-                              "code": code_reason}

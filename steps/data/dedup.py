@@ -48,7 +48,7 @@ class Permutations:
     b: np.ndarray
 
     @classmethod
-    def make(cls, num_perm: int, seed: int = 1) -> "Permutations":
+    def make(cls, num_perm: int, seed: int = 1) -> Permutations:
         rng = np.random.default_rng(seed)
         a = rng.integers(1, (1 << 32) - 1, size=num_perm, dtype=np.uint64)
         b = rng.integers(0, (1 << 32) - 1, size=num_perm, dtype=np.uint64)

@@ -332,6 +332,8 @@ class _HTMLText(HTMLParser):
 
 def html_to_text(fragment: str) -> str:
     parser = _HTMLText()
+    # dumps store Body with entities already decoded by the XML parser; a doubly escaped body
+    # (only "&lt;" present) is unescaped once more
     parser.feed(html.unescape(fragment) if "&lt;" in fragment and "<" not in fragment else fragment)
     parser.close()
     return re.sub(r"\n{3,}", "\n\n", "".join(parser.parts)).strip()

@@ -219,10 +219,37 @@ class SFTConfig(Section):
 
 
 class GAttConfig(Section):
+    """Ghost Attention (RECIPE 8): synthetic multi-turn data under a system instruction."""
+
     enabled: bool = True
-    after_iteration: int = 3  # applied after RLHF V3
-    num_dialogues: int = 1000
-    turns: int = 3
+    after_iteration: int = Field(3, ge=0)  # applied to the RLHF V3 model (0: the SFT model)
+    num_dialogues: int = Field(1000, ge=1)
+    min_turns: int = Field(2, ge=2)
+    turns: int = Field(3, ge=2)  # conversations have min_turns..turns user messages
+    # The paper's synthetic constraints: hobbies, a language, a public figure to act as.
+    instructions: list[str] = Field(default_factory=lambda: [
+        "Always answer in French.", "Act as Napoleon.", "Act as Oscar Wilde.", "You enjoy tennis.",
+        "You love gardening.", "Always answer in Spanish.", "Answer with a haiku.",
+        "Act as a pirate."], min_length=1)
+    sources: list[str] = Field(default_factory=list)  # dialogue files whose first user turns are the messages
+    max_user_tokens: int = Field(256, ge=1)  # user messages longer than this are not used
+    demo_world: bool = False  # tiny preset: messages and the outcome measure from the demo world
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    sample_batch_size: int = Field(64, ge=1)
+    sampler: StepResources = StepResources(num_cpus=8, num_gpus=1)  # the Ray task that samples answers
+    replay_ratio: float = Field(1.0, ge=0)  # + this many input-model training dialogues per GAtt dialogue
+    seq_len: int = 4096
+    train: TrainConfig = TrainConfig(global_batch_size=64, epochs=1.0, num_workers=64, use_gpu=True,
+                                     gpus_per_worker=1, cpus_per_worker=8)
+    optim: OptimConfig = OptimConfig(lr=1e-5, warmup_steps=0)
+
+    @model_validator(mode="after")
+    def _turns_ordered(self) -> GAttConfig:
+        if self.min_turns > self.turns:
+            raise ValueError(f"min_turns ({self.min_turns}) exceeds turns ({self.turns})")
+        return self
 
 
 # ----------------------------------------------------------------------------- preferences (RECIPE 6)

@@ -25,7 +25,7 @@ from pipelines.session import run_pipeline
 
 def pipeline(cfg: Config) -> list[StepSpec]:
     """The full recipe's steps in topological order (RECIPE.md sections 1-8)."""
-    return [
+    steps = [
         # data steps are drivers of Ray Data jobs: their node holds no CPU the job needs
         StepSpec("data", "steps.data", "data", ("data", "run.seed"), light=True),
         StepSpec("tokenizer", "steps.tokenizer", "tokenizer", ("tokenizer", "run.seed"),
@@ -36,6 +36,14 @@ def pipeline(cfg: Config) -> list[StepSpec]:
         StepSpec("sft", "steps.sft", "sft", ("sft", "run.seed", "run.name"), inputs={"pretrained": "pretrain"},
                  light=True),
     ]
+    chat_models = ["sft"]  # chat model of iteration i is chat_models[i]; the RLHF loop appends V1..V5
+    if cfg.rlhf.gatt.enabled:
+        # Ghost Attention on the model of iteration `after_iteration` (V3 in the paper); while
+        # the loop has fewer iterations, on the newest chat model there is.
+        base = chat_models[min(cfg.rlhf.gatt.after_iteration, len(chat_models) - 1)]
+        steps.append(StepSpec("gatt", "steps.gatt", "rlhf", ("rlhf.gatt", "run.seed", "run.name"),
+                              inputs={"model": base}, tags={"technique": "gatt"}, light=True))
+    return steps
 
 
 # What the end-of-run table shows for each step.
@@ -44,6 +52,7 @@ KEY_METRICS = {
     "tokenizer": ["vocab_size", "train_tokens", "unigram_loss", "roundtrip_exact"],
     "pretrain": ["val_loss", "unigram_loss", "tokens_per_s", "launch_seconds"],
     "sft": ["eval_loss", "judge.pretrained.helpfulness", "judge.sft.helpfulness", "judge.sft.safety"],
+    "gatt": ["data.kept", "judge.before.follow.later_turns", "judge.gatt.follow.later_turns", "judge.gatt.helpfulness"],
 }
 
 

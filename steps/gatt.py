@@ -1,43 +1,194 @@
-"""Ghost Attention (GAtt) as a data transformation (RECIPE.md section 8, used after RLHF V3).
+"""Ghost Attention (GAtt, RECIPE.md section 8): teach a chat model to keep obeying a system
+instruction many turns after it was given. A switchable step (`rlhf.gatt.enabled`) of the
+RLHF loop, applied to the chat model of iteration `rlhf.gatt.after_iteration`.
 
-Given a multi-turn dialogue (its user messages) and a system instruction ("Answer in French."):
+Data construction, for each synthetic conversation (an instruction, 2..`turns` user messages):
   1. attach the instruction to every user message, so the current model, sampling turn by
-     turn, answers every turn under the instruction;
-  2. rebuild the dialogue with the instruction only at the start (the system prompt of the
-     first turn) and the original user messages after it;
+     turn, answers every turn under the instruction (it follows an instruction in the
+     message it answers; the problem GAtt fixes is forgetting one given turns earlier);
+  2. rebuild the dialogue with the instruction only at the start (the system prompt) and the
+     original user messages after it;
   3. train only on the last assistant answer: the loss on every earlier turn, assistant
      answers included, is zeroed (Turn.train=False; the SFT packer honours it).
-The model then learns to keep following an instruction it saw many turns ago.
+Conversations of random length train every later turn position. Answers cut off at
+`max_new_tokens` are dropped with their conversation (a half answer is no target). The
+fine-tuning set mixes in `replay_ratio` times as many of the input model's own training
+dialogues, so the new skill does not wear down the old ones.
+
+On the tiny preset the demo world supplies the user messages and measures the outcome: over
+held-out multi-turn conversations under a system instruction, the fraction of answers after
+the first that still obey it, for the model before and after GAtt (greedy, each model
+answering on top of its own earlier answers).
 """
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
 
 from model.chat import Dialogue, Turn
+from pipelines.artifacts import Artifact
+from pipelines.tracking import register_model
 
-Answerer = Callable[[Dialogue], str]  # a dialogue ending with a user turn -> the model's answer
+VERSION = "1"
 
-
-def gatt_dialogue(user_messages: list[str], instruction: str, answer: Answerer) -> Dialogue:
-    sampled: list[Turn] = []
-    for msg in user_messages:
-        sampled.append(Turn("user", f"{instruction}\n{msg}"))
-        sampled.append(Turn("assistant", answer(Dialogue(list(sampled)))))
-    turns = []
-    for i, msg in enumerate(user_messages):
-        last = i == len(user_messages) - 1
-        turns.append(Turn("user", msg))
-        turns.append(Turn("assistant", sampled[2 * i + 1].content, train=last))
-    return Dialogue(turns, system=instruction, meta={"gatt": True})
+# dialogues ending with a user turn -> the model's answers, and whether each ended at EOS
+Answerer = Callable[[list[Dialogue]], list[tuple[str, bool]]]
 
 
-def sampler_answerer(sampler, tok, params) -> Answerer:
-    """Adapt model/generate.py's sampler (one prompt at a time) to an Answerer."""
+def with_instruction(instruction: str, message: str) -> str:
+    return f"{instruction} {message}"
+
+
+def gatt_dialogues(conversations: list[tuple[str, list[str]]], answer: Answerer) -> list[Dialogue | None]:
+    """(instruction, user messages) per conversation -> GAtt training dialogues; None where an
+    answer did not finish. Samples turn by turn, all conversations in one batch per turn."""
+    sampled: list[list[Turn]] = [[] for _ in conversations]
+    ok = [True] * len(conversations)
+    for t in range(max(len(msgs) for _, msgs in conversations)):
+        live = [i for i, (_, msgs) in enumerate(conversations) if t < len(msgs) and ok[i]]
+        for i in live:
+            instruction, msgs = conversations[i]
+            sampled[i].append(Turn("user", with_instruction(instruction, msgs[t])))
+        for i, (text, finished) in zip(live, answer([Dialogue(list(sampled[i])) for i in live])):
+            sampled[i].append(Turn("assistant", text))
+            ok[i] = ok[i] and finished
+    out: list[Dialogue | None] = []
+    for (instruction, msgs), turns, good in zip(conversations, sampled, ok):
+        if not good:
+            out.append(None)
+            continue
+        last = len(msgs) - 1
+        rebuilt = []
+        for t, msg in enumerate(msgs):
+            rebuilt += [Turn("user", msg), Turn("assistant", turns[2 * t + 1].content, train=t == last)]
+        out.append(Dialogue(rebuilt, system=instruction, meta={"gatt": True}))
+    return out
+
+
+def model_answerer(model, tok, params, batch_size: int = 64, device: str = "cpu") -> Answerer:
+    """Answer with model/generate.py's KV-cached sampler, `batch_size` prompts at a time."""
     from model.chat import encode_prompt
+    from model.generate import TorchSampler
 
-    def answer(d: Dialogue) -> str:
-        sample = sampler.generate([encode_prompt(tok, d)], params)[0]
-        return tok.decode(sample.tokens).strip()
+    sampler = TorchSampler(model, tok.eos_id, tok.pad_id, device)
+
+    def answer(dialogues: list[Dialogue]) -> list[tuple[str, bool]]:
+        out = []
+        for i in range(0, len(dialogues), batch_size):
+            chunk = [encode_prompt(tok, d) for d in dialogues[i:i + batch_size]]
+            out += [(tok.decode(s.tokens).strip(), s.finished) for s in sampler.generate(chunk, params)]
+        return out
 
     return answer
+
+
+def follow_rates(model, tok, conversations, max_new_tokens: int) -> dict[str, float]:
+    """Greedy roll-out of each world InstructionDialogue (system prompt, then its questions);
+    the fraction of first answers and of later answers that obey the instruction."""
+    from model.generate import SamplingParams
+    from steps.world import follows
+
+    answer = model_answerer(model, tok, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+    turns: list[list[Turn]] = [[] for _ in conversations]
+    first, later = [], []
+    for t in range(max(len(c.questions) for c in conversations)):
+        live = [i for i, c in enumerate(conversations) if t < len(c.questions)]
+        for i in live:
+            turns[i].append(Turn("user", conversations[i].questions[t]))
+        prompts = [Dialogue(list(turns[i]), system=conversations[i].system) for i in live]
+        for i, (text, _) in zip(live, answer(prompts)):
+            turns[i].append(Turn("assistant", text))
+            (first if t == 0 else later).append(follows(conversations[i].style, text))
+    return {"first_turn": float(np.mean(first)), "later_turns": float(np.mean(later))}
+
+
+def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int) -> list[Dialogue | None]:
+    """gatt_dialogues with the model of the artifact at model_dir (on its GPU in bf16 where
+    the worker has one); runs as its own Ray task (engine.run_on_worker)."""
+    import torch
+
+    from steps.sft import load_chat_model, load_model
+
+    art = Artifact.load(Path(model_dir))
+    mcfg, tok = load_chat_model(art)
+    model = load_model(mcfg, art.file("model.safetensors"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        model = model.to(device, torch.bfloat16)
+    return gatt_dialogues(conversations, model_answerer(model, tok, params, batch_size, device))
+
+
+def user_messages(cfg, world, tok) -> list[str]:
+    """The pool of user messages conversations are drawn from: the demo world's plain
+    questions, or the first user turns of `sources` dialogue files short enough to stack."""
+    from steps.sft import resolve
+    from steps.sft_data import read_dialogues
+
+    pool = world.user_messages("train") if cfg.demo_world else []
+    for src in cfg.sources:
+        for f in resolve(src):
+            pool += [d.turns[0].content for d in read_dialogues(f)
+                     if len(tok.encode(d.turns[0].content)) <= cfg.max_user_tokens]
+    if len(pool) < cfg.turns:
+        raise ValueError(f"rlhf.gatt: {len(pool)} user messages, need at least turns={cfg.turns}")
+    return pool
+
+
+def run(ctx, model: Artifact) -> dict[str, float]:
+    from model.generate import SamplingParams
+    from steps.engine import run_on_worker
+    from steps.sft import finetune, judge_model, load_chat_model, load_model
+    from steps.sft_data import from_table
+    from steps.world import STYLES, World, follows
+
+    gcfg = ctx.cfg.rlhf.gatt
+    mcfg, tok = load_chat_model(model)
+    world = World(ctx.seed)
+    rng = random.Random(ctx.seed)
+    pool = user_messages(gcfg, world, tok)
+    conversations = [(rng.choice(gcfg.instructions), rng.sample(pool, rng.randint(gcfg.min_turns, gcfg.turns)))
+                     for _ in range(gcfg.num_dialogues)]
+    params = SamplingParams(max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
+                            top_p=gcfg.top_p, seed=ctx.seed)
+    built = run_on_worker(sample_gatt_dialogues, gcfg.sampler, str(model.path), conversations, params,
+                          gcfg.sample_batch_size)
+    dialogues = [d for d in built if d is not None]
+    if not dialogues:
+        raise RuntimeError("rlhf.gatt: no conversation had every answer finish within max_new_tokens")
+    data = {"conversations": len(conversations), "kept": len(dialogues)}
+    if gcfg.demo_world:  # how often the sampled target answers obey the instruction (judge-side only)
+        data["target_follows"] = float(np.mean([follows(STYLES[d.system], d.turns[-1].content)
+                                                for d in dialogues if d.system in STYLES]))
+    # the input model's own fine-tuning data rides along, so GAtt adds a skill without
+    # wearing down the others (the paper merges GAtt data into an iteration's fine-tuning set)
+    own = from_table(pq.read_table(model.file("dialogues.parquet")))
+    replay = rng.sample(own, min(len(own), round(gcfg.replay_ratio * len(dialogues))))
+    data["replayed"] = len(replay)
+    ctx.log_metrics({f"data.{k}": v for k, v in data.items()})
+    mixed = dialogues + replay
+    rng.shuffle(mixed)
+    result, stats = finetune(ctx, "gatt", model, mixed, [], gcfg.train, gcfg.optim, gcfg.seq_len)
+    metrics = {"train_loss": result.final.get("loss"), "first_loss": result.history[0]["loss"],
+               "steps": result.final.get("step"), **{f"data.{k}": v for k, v in {**data, **stats}.items()}}
+    if gcfg.demo_world:
+        held_out = world.instruction_dialogues("eval", gcfg.turns)
+        items = world.items("eval")
+        report = {}
+        for name, weights in (("before", model.file("model.safetensors")), ("gatt", result.weights)):
+            m = load_model(mcfg, weights)
+            report[name] = {f"follow.{k}": v for k, v in follow_rates(m, tok, held_out, 32).items()}
+            report[name]["helpfulness"] = judge_model(m, tok, items, 32)[0]["helpfulness"]
+        for name, values in report.items():
+            metrics.update({f"judge.{name}.{k}": v for k, v in values.items()})
+        (ctx.out_dir / "judge.json").write_text(json.dumps(report, indent=2))
+        sample = dialogues[:50]  # GAtt dialogues only, not the replay
+        ctx.log_table({"system": [d.system for d in sample],
+                       "dialogue": [" | ".join(t.content for t in d.turns) for d in sample]}, "gatt_dialogues.json")
+    metrics["registry_version"] = register_model(ctx.logger, f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", "gatt")
+    return metrics

@@ -22,7 +22,7 @@ import torch
 from pipelines.artifacts import Artifact
 from pipelines.config import ModelConfig
 from pipelines.tracking import log_history_figure, register_model
-from steps.engine import Objective, lm_objective_loss, train
+from steps.engine import Objective, TrainResult, lm_objective_loss, train
 
 VERSION = "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,15 +80,49 @@ def resolve(path: str) -> list[Path]:
     return hits
 
 
-def run(ctx, pretrained: Artifact) -> dict[str, float]:
-    from model.hf import export_hf
+def load_chat_model(art: Artifact):
+    """(model config, tokenizer) of a model artifact (pretrain, sft, gatt, rlhf-*)."""
     from model.tokenizer import Tokenizer
-    from steps.sft_data import pack, read_dialogues, to_table, write_packed
+
+    return (ModelConfig.model_validate_json(art.file("model_config.json").read_text()),
+            Tokenizer(art.file("hf/tokenizer.model")))
+
+
+def finetune(ctx, name: str, base: Artifact, dialogues: list, eval_dialogues: list, train_cfg, optim_cfg,
+             seq_len: int) -> tuple[TrainResult, dict[str, float]]:
+    """Fine-tune `base` on dialogues with the loss on trained assistant turns only; shared by
+    SFT, Ghost Attention and rejection-sampling fine-tuning. Writes dialogues.parquet, packed/,
+    model.safetensors, model_config.json and the HF export hf/ into ctx.out_dir."""
+    from model.hf import export_hf
+    from steps.sft_data import pack, to_table, write_packed
+
+    mcfg, tok = load_chat_model(base)
+    pq.write_table(to_table(dialogues, name), ctx.out_dir / "dialogues.parquet")
+    rows, stats = pack(tok, dialogues, seq_len)
+    write_packed(rows, ctx.out_dir / "packed" / "train.parquet")
+    eval_files = []
+    if eval_dialogues:
+        write_packed(pack(tok, eval_dialogues, seq_len)[0], ctx.out_dir / "packed" / "eval.parquet")
+        eval_files = [str(ctx.out_dir / "packed" / "eval.parquet")]
+    ctx.log_metrics({f"data.{k}": v for k, v in stats.items()})
+    objective = Objective(
+        name=name, build_module=partial(build_model, mcfg), loss=lm_objective_loss,
+        train_files=[str(ctx.out_dir / "packed" / "train.parquet")], eval_files=eval_files,
+        columns=["tokens", "targets", "segment_ids", "positions"], collate=collate_packed,
+        init_weights=str(base.file("model.safetensors")), model_cfg=mcfg)
+    result = train(objective, train_cfg, optim_cfg, work_dir=ctx.work_dir, out_dir=ctx.out_dir,
+                   seed=ctx.seed, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
+    log_history_figure(ctx.logger, result.history, ["loss", "eval_loss"], f"{name}_loss_curve.png", f"{name} loss")
+    export_hf(result.weights, mcfg, ctx.out_dir / "hf", tokenizer_model=base.file("hf/tokenizer.model"))
+    (ctx.out_dir / "model_config.json").write_text(mcfg.model_dump_json(indent=2))
+    return result, stats
+
+
+def run(ctx, pretrained: Artifact) -> dict[str, float]:
+    from steps.sft_data import read_dialogues
     from steps.world import World
 
     scfg = ctx.cfg.sft
-    tok = Tokenizer(pretrained.file("hf/tokenizer.model"))
-    mcfg = ModelConfig.model_validate_json(pretrained.file("model_config.json").read_text())
     world = World(ctx.seed)
     dialogues = world.sft_dialogues("train") if scfg.demo_world else []
     n_world = len(dialogues)
@@ -97,32 +131,15 @@ def run(ctx, pretrained: Artifact) -> dict[str, float]:
             dialogues += read_dialogues(f)[: scfg.max_source_examples]
     rng = np.random.default_rng(ctx.seed)
     dialogues = [dialogues[i] for i in rng.permutation(len(dialogues))]
-    pq.write_table(to_table(dialogues, "sft"), ctx.out_dir / "dialogues.parquet")
-    rows, stats = pack(tok, dialogues, scfg.seq_len)
-    write_packed(rows, ctx.out_dir / "packed" / "train.parquet")
-    eval_files = []
-    if scfg.demo_world:
-        eval_rows, _ = pack(tok, world.sft_dialogues("eval"), scfg.seq_len)
-        write_packed(eval_rows, ctx.out_dir / "packed" / "eval.parquet")
-        eval_files = [str(ctx.out_dir / "packed" / "eval.parquet")]
     ctx.log_params({"sft.examples": len(dialogues), "sft.world_examples": n_world})
-    ctx.log_metrics({f"data.{k}": v for k, v in stats.items()})
-
-    objective = Objective(
-        name="sft", build_module=partial(build_model, mcfg), loss=lm_objective_loss,
-        train_files=[str(ctx.out_dir / "packed" / "train.parquet")], eval_files=eval_files,
-        columns=["tokens", "targets", "segment_ids", "positions"], collate=collate_packed,
-        init_weights=str(pretrained.file("model.safetensors")), model_cfg=mcfg)
-    result = train(objective, scfg.train, scfg.optim, work_dir=ctx.work_dir, out_dir=ctx.out_dir,
-                   seed=ctx.seed, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
-    log_history_figure(ctx.logger, result.history, ["loss", "eval_loss"], "sft_loss_curve.png", "SFT loss")
-    hf_dir = export_hf(result.weights, mcfg, ctx.out_dir / "hf", tokenizer_model=pretrained.file("hf/tokenizer.model"))
-    (ctx.out_dir / "model_config.json").write_text(mcfg.model_dump_json(indent=2))
+    eval_dialogues = world.sft_dialogues("eval") if scfg.demo_world else []
+    result, stats = finetune(ctx, "sft", pretrained, dialogues, eval_dialogues, scfg.train, scfg.optim, scfg.seq_len)
 
     metrics = {"train_loss": result.final.get("loss"), "eval_loss": result.final.get("eval_loss"),
                "first_loss": result.history[0]["loss"], "steps": result.final.get("step"),
                **{f"data.{k}": v for k, v in stats.items()}}
     if scfg.demo_world:
+        mcfg, tok = load_chat_model(pretrained)
         items = world.items("eval")
         before, _ = judge_model(load_model(mcfg, pretrained.file("model.safetensors")), tok, items, 32)
         after, rows = judge_model(load_model(mcfg, result.weights), tok, items, 32)
@@ -130,5 +147,5 @@ def run(ctx, pretrained: Artifact) -> dict[str, float]:
         metrics.update({f"judge.sft.{k}": v for k, v in after.items()})
         ctx.log_table({k: [r[k] for r in rows[:100]] for k in rows[0]}, "sft_generations.json")
         (ctx.out_dir / "judge.json").write_text(json.dumps({"pretrained": before, "sft": after}, indent=2))
-    metrics["registry_version"] = register_model(ctx.logger, f"{ctx.cfg.run.name}-chat", hf_dir, "sft")
+    metrics["registry_version"] = register_model(ctx.logger, f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", "sft")
     return metrics

@@ -22,6 +22,16 @@ def test_select_prefix_and_dependencies():
         select(SPECS, None, "zzz")
 
 
+def test_full_pipeline_gatt_is_a_switchable_step():
+    from pipelines.full import pipeline
+
+    on = {s.name: s for s in pipeline(load_config("tiny"))}
+    assert list(on) == ["data", "tokenizer", "pretrain", "sft", "gatt"]
+    assert on["gatt"].inputs == {"model": "sft"}  # the newest chat model until the RLHF loop joins
+    off = [s.name for s in pipeline(load_config("tiny", ["rlhf.gatt.enabled=false"]))]
+    assert "gatt" not in off and off[-1] == "sft"
+
+
 @pytest.mark.slow
 def test_pipeline_on_ray_tracks_every_step(tmp_path, ray_local, capsys):
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.experiment=dag-test"])

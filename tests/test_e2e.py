@@ -54,7 +54,7 @@ def test_mlflow_has_parent_and_nested_runs(tiny_run):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2
     steps = {r.data.tags["step"] for r in runs if r.data.tags.get("cache_hit") == "false"}
-    assert {"data", "tokenizer", "pretrain", "sft"} <= steps
+    assert {"data", "tokenizer", "pretrain", "sft", "gatt"} <= steps
 
 
 def test_data_stage_cleans_dedups_and_mixes(tiny_run):
@@ -97,3 +97,15 @@ def test_sft_model_is_registered_with_alias(tiny_run):
     from transformers import AutoTokenizer, LlamaForCausalLM
     LlamaForCausalLM.from_pretrained(art.path / "hf")
     AutoTokenizer.from_pretrained(art.path / "hf")
+
+
+def test_gatt_model_keeps_following_the_system_instruction_in_later_turns(tiny_run):
+    out, _, _ = tiny_run
+    m = latest(out, "gatt").metrics
+    # held-out conversations under a system instruction, each model answering on its own turns
+    assert m["judge.gatt.follow.later_turns"] > m["judge.before.follow.later_turns"] + 0.25, m
+    assert m["judge.gatt.follow.first_turn"] >= 0.5, m  # it still obeys where the instruction is given
+    assert m["judge.gatt.helpfulness"] > m["judge.before.helpfulness"] - 0.1, m  # no large regression
+    assert m["data.kept"] >= 0.5 * m["data.conversations"] and m["data.replayed"] > 0, m
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    assert client.get_model_version_by_alias("llama2-tiny-chat", "gatt").source.endswith("/hf")

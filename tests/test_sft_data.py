@@ -7,9 +7,9 @@ import random
 import pytest
 
 from model.chat import Dialogue, Turn, encode_dialogue
-from steps.gatt import gatt_dialogue
+from steps.gatt import gatt_dialogues
 from steps.sft_data import BadDialogueError, from_table, pack, read_dialogues, to_table
-from steps.world import REFUSAL, World, judge
+from steps.world import REFUSAL, STYLES, World, follows, judge
 from tests.conftest import train_tiny_tokenizer
 
 
@@ -82,28 +82,48 @@ def test_long_examples_are_truncated_and_counted(tok):
 def test_gatt_construction():
     asked = []
 
-    def answer(d):
-        asked.append([t.content for t in d.turns])
-        return f"FR: answer {len(d.turns) // 2}"
+    def answer(dialogues):  # a batch of prompts per turn, one per live conversation
+        asked.append([[t.content for t in d.turns] for d in dialogues])
+        return [(f"FR: answer {len(d.turns) // 2}", not d.turns[-1].content.endswith("long")) for d in dialogues]
 
-    d = gatt_dialogue(["q1", "q2", "q3"], "Answer in French.", answer)
-    assert asked[2] == ["Answer in French.\nq1", "FR: answer 0", "Answer in French.\nq2", "FR: answer 1",
-                        "Answer in French.\nq3"]  # the instruction went with every user turn while sampling
+    built = gatt_dialogues([("Answer in French.", ["q1", "q2", "q3"]), ("Act as a pirate.", ["p1", "p2"]),
+                            ("Answer in French.", ["r1", "too long", "r3"])], answer)
+    assert [len(batch) for batch in asked] == [3, 3, 1]  # the unfinished conversation stops sampling
+    assert asked[2][0] == ["Answer in French. q1", "FR: answer 0", "Answer in French. q2", "FR: answer 1",
+                           "Answer in French. q3"]  # the instruction went with every user turn while sampling
+    d, short, cut = built
+    assert cut is None  # an answer that hit max_new_tokens is no training target
     assert d.system == "Answer in French." and [t.content for t in d.turns[::2]] == ["q1", "q2", "q3"]
+    assert [t.content for t in d.turns[1::2]] == ["FR: answer 0", "FR: answer 1", "FR: answer 2"]
     assert [t.train for t in d.turns[1::2]] == [False, False, True]  # only the last answer is trained
+    assert short.system == "Act as a pirate." and [t.train for t in short.turns[1::2]] == [False, True]
 
 
 def test_gatt_flags_reach_the_loss_mask(tok):
-    d = gatt_dialogue(["two plus three", "hello"], "Answer in French.", lambda _: "fr five")
+    [d] = gatt_dialogues([("Answer in French.", ["two plus three", "hello"])],
+                         lambda ds: [("fr five", True)] * len(ds))
     ids, mask = encode_dialogue(tok, d)
     trained = tok.decode([i for i, m in zip(ids, mask) if m and i != tok.eos_id])
     assert trained.strip() == "fr five" and sum(mask) == len(tok.encode("fr five")) + 1
 
 
+def test_world_instruction_dialogues_are_held_out():
+    w = World(0)
+    train_questions = set(w.user_messages("train"))
+    convs = w.instruction_dialogues("eval", 3)
+    assert len(convs) >= 30 and {c.system for c in convs} == set(STYLES)
+    assert all(len(c.questions) == 3 and not train_questions & set(c.questions) for c in convs)
+    assert follows("Arr, ", "Arr, The answer is 5.") and not follows("Arr, ", "The answer is 5.")
+    # SFT data shows an instruction only for the turn it comes with: GAtt has something to add
+    sft = w.sft_dialogues("train")
+    assert not any(d.system and len(d.turns) > 2 for d in sft)
+    assert any(len(d.turns) > 2 for d in sft)
+
+
 def test_world_splits_and_judge():
     w = World(0)
     train, held_out = w.items("train"), w.items("eval")
-    assert {i.kind for i in held_out} == {"arithmetic", "lookup", "unsafe", "lookalike", "styled"}
+    assert {i.kind for i in held_out} == {"arithmetic", "lookup", "unsafe", "lookalike", "styled", "multiturn"}
     train_prompts = {tuple(t.content for t in i.dialogue.turns) for i in train}
     assert not any(tuple(t.content for t in i.dialogue.turns) in train_prompts for i in held_out)
     assert World(0).items("eval") == held_out  # seeded

@@ -4,7 +4,7 @@ Pretraining, SFT, rejection-sampling fine-tuning, reward models and PPO's learne
 only in their `Objective` (module, batch building, loss); `train()` does the rest.
 """
 
-from steps.engine.launch import TrainResult, train
+from steps.engine.launch import TrainResult, run_on_worker, train
 from steps.engine.objective import Objective, collate_lm, lm_objective_loss
 
-__all__ = ["Objective", "TrainResult", "train", "collate_lm", "lm_objective_loss"]
+__all__ = ["Objective", "TrainResult", "train", "run_on_worker", "collate_lm", "lm_objective_loss"]

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import OptimConfig, TrainConfig
+from pipelines.config import OptimConfig, StepResources, TrainConfig
 from steps.engine.objective import Objective
 from steps.engine.worker import train_loop
 
@@ -67,3 +67,15 @@ def train(objective: Objective, train_cfg: TrainConfig, optim_cfg: OptimConfig, 
     first_step_at = history[0].get("first_step_at", start) if history else start
     return TrainResult(out_dir / "model.safetensors", history, time.time() - start,
                        launch_seconds=first_step_at - start)
+
+
+def run_on_worker(fn, resources: StepResources, *args, **kwargs):
+    """fn(*args, **kwargs) as a Ray task with its own resources (a GPU for sampling), so the
+    step's node holds none of them while a later training in the same step needs them all."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    memory = int(resources.memory_gb * 2**30) if resources.memory_gb else None
+    task = ray.remote(fn).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, memory=memory)
+    return ray.get(task.remote(*args, **kwargs))

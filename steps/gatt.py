@@ -88,9 +88,10 @@ def model_answerer(model, tok, params, batch_size: int = 64, device: str = "cpu"
     return answer
 
 
-def follow_rates(model, tok, conversations, max_new_tokens: int) -> dict[str, float]:
+def follow_rates(model, tok, conversations, max_new_tokens: int) -> tuple[dict[str, float], list[Dialogue]]:
     """Greedy roll-out of each world InstructionDialogue (system prompt, then its questions);
-    the fraction of first answers and of later answers that obey the instruction."""
+    the fraction of first answers and of later answers that obey the instruction, and the
+    rolled-out dialogues."""
     from model.generate import SamplingParams
     from steps.world import follows
 
@@ -105,7 +106,8 @@ def follow_rates(model, tok, conversations, max_new_tokens: int) -> dict[str, fl
         for i, (text, _) in zip(live, answer(prompts)):
             turns[i].append(Turn("assistant", text))
             (first if t == 0 else later).append(follows(conversations[i].style, text))
-    return {"first_turn": float(np.mean(first)), "later_turns": float(np.mean(later))}
+    rates = {"first_turn": float(np.mean(first)), "later_turns": float(np.mean(later))}
+    return rates, [Dialogue(t, system=c.system) for t, c in zip(turns, conversations)]
 
 
 def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int) -> list[Dialogue | None]:
@@ -179,11 +181,17 @@ def run(ctx, model: Artifact) -> dict[str, float]:
     if gcfg.demo_world:
         held_out = world.instruction_dialogues("eval", gcfg.turns)
         items = world.items("eval")
-        report = {}
+        report, shown = {}, {"model": [], "system": [], "dialogue": []}
         for name, weights in (("before", model.file("model.safetensors")), ("gatt", result.weights)):
             m = load_model(mcfg, weights)
-            report[name] = {f"follow.{k}": v for k, v in follow_rates(m, tok, held_out, 32).items()}
+            rates, rollouts = follow_rates(m, tok, held_out, 32)
+            report[name] = {f"follow.{k}": v for k, v in rates.items()}
             report[name]["helpfulness"] = judge_model(m, tok, items, 32)[0]["helpfulness"]
+            for d in rollouts[::3]:
+                shown["model"].append(name)
+                shown["system"].append(d.system)
+                shown["dialogue"].append(" | ".join(t.content for t in d.turns))
+        ctx.log_table(shown, "gatt_heldout_rollouts.json")  # the same conversations, before and after
         for name, values in report.items():
             metrics.update({f"judge.{name}.{k}": v for k, v in values.items()})
         (ctx.out_dir / "judge.json").write_text(json.dumps(report, indent=2))

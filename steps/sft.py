@@ -24,7 +24,7 @@ from pipelines.config import ModelConfig
 from pipelines.tracking import log_history_figure, register_model
 from steps.engine import Objective, TrainResult, lm_objective_loss, train
 
-VERSION = "1"
+VERSION = "2"  # 2: demo world with single-turn instructions and plain multi-turn dialogues
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

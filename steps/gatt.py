@@ -45,28 +45,36 @@ def with_instruction(instruction: str, message: str) -> str:
     return f"{instruction} {message}"
 
 
+def roll_out(prompts: list[tuple[str | None, list[str]]], answer: Answerer,
+             stop_unfinished: bool = True) -> list[tuple[Dialogue, bool]]:
+    """(system prompt, user messages) per conversation -> (the dialogue with the model's answer
+    after every message, whether every answer finished). Turn by turn, one batch per turn over
+    the conversations still going; with stop_unfinished a conversation ends at its first
+    answer cut off at max_new_tokens."""
+    turns: list[list[Turn]] = [[] for _ in prompts]
+    ok = [True] * len(prompts)
+    for t in range(max(len(msgs) for _, msgs in prompts)):
+        live = [i for i, (_, msgs) in enumerate(prompts) if t < len(msgs) and (ok[i] or not stop_unfinished)]
+        for i in live:
+            turns[i].append(Turn("user", prompts[i][1][t]))
+        for i, (text, finished) in zip(live, answer([Dialogue(list(turns[i]), prompts[i][0]) for i in live])):
+            turns[i].append(Turn("assistant", text))
+            ok[i] = ok[i] and finished
+    return [(Dialogue(tr, system), good) for (system, _), tr, good in zip(prompts, turns, ok)]
+
+
 def gatt_dialogues(conversations: list[tuple[str, list[str]]], answer: Answerer) -> list[Dialogue | None]:
     """(instruction, user messages) per conversation -> GAtt training dialogues; None where an
-    answer did not finish. Samples turn by turn, all conversations in one batch per turn."""
-    sampled: list[list[Turn]] = [[] for _ in conversations]
-    ok = [True] * len(conversations)
-    for t in range(max(len(msgs) for _, msgs in conversations)):
-        live = [i for i, (_, msgs) in enumerate(conversations) if t < len(msgs) and ok[i]]
-        for i in live:
-            instruction, msgs = conversations[i]
-            sampled[i].append(Turn("user", with_instruction(instruction, msgs[t])))
-        for i, (text, finished) in zip(live, answer([Dialogue(list(sampled[i])) for i in live])):
-            sampled[i].append(Turn("assistant", text))
-            ok[i] = ok[i] and finished
+    answer did not finish."""
+    sampled = roll_out([(None, [with_instruction(ins, m) for m in msgs]) for ins, msgs in conversations], answer)
     out: list[Dialogue | None] = []
-    for (instruction, msgs), turns, good in zip(conversations, sampled, ok):
-        if not good:
+    for (instruction, msgs), (d, finished) in zip(conversations, sampled):
+        if not finished:
             out.append(None)
             continue
-        last = len(msgs) - 1
         rebuilt = []
         for t, msg in enumerate(msgs):
-            rebuilt += [Turn("user", msg), Turn("assistant", turns[2 * t + 1].content, train=t == last)]
+            rebuilt += [Turn("user", msg), Turn("assistant", d.turns[2 * t + 1].content, train=t == len(msgs) - 1)]
         out.append(Dialogue(rebuilt, system=instruction, meta={"gatt": True}))
     return out
 
@@ -96,18 +104,13 @@ def follow_rates(model, tok, conversations, max_new_tokens: int) -> tuple[dict[s
     from steps.world import follows
 
     answer = model_answerer(model, tok, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
-    turns: list[list[Turn]] = [[] for _ in conversations]
+    rollouts = [d for d, _ in roll_out([(c.system, c.questions) for c in conversations], answer,
+                                       stop_unfinished=False)]
     first, later = [], []
-    for t in range(max(len(c.questions) for c in conversations)):
-        live = [i for i, c in enumerate(conversations) if t < len(c.questions)]
-        for i in live:
-            turns[i].append(Turn("user", conversations[i].questions[t]))
-        prompts = [Dialogue(list(turns[i]), system=conversations[i].system) for i in live]
-        for i, (text, _) in zip(live, answer(prompts)):
-            turns[i].append(Turn("assistant", text))
-            (first if t == 0 else later).append(follows(conversations[i].style, text))
-    rates = {"first_turn": float(np.mean(first)), "later_turns": float(np.mean(later))}
-    return rates, [Dialogue(t, system=c.system) for t, c in zip(turns, conversations)]
+    for c, d in zip(conversations, rollouts):
+        for t, reply in enumerate(d.turns[1::2]):
+            (first if t == 0 else later).append(follows(c.style, reply.content))
+    return {"first_turn": float(np.mean(first)), "later_turns": float(np.mean(later))}, rollouts
 
 
 def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int) -> list[Dialogue | None]:

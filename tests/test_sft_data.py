@@ -7,7 +7,7 @@ import random
 import pytest
 
 from model.chat import Dialogue, Turn, encode_dialogue
-from steps.gatt import gatt_dialogues
+from steps.gatt import gatt_dialogues, roll_out
 from steps.sft_data import BadDialogueError, from_table, pack, read_dialogues, to_table
 from steps.world import REFUSAL, STYLES, World, follows, judge
 from tests.conftest import train_tiny_tokenizer
@@ -97,6 +97,17 @@ def test_gatt_construction():
     assert [t.content for t in d.turns[1::2]] == ["FR: answer 0", "FR: answer 1", "FR: answer 2"]
     assert [t.train for t in d.turns[1::2]] == [False, False, True]  # only the last answer is trained
     assert short.system == "Act as a pirate." and [t.train for t in short.turns[1::2]] == [False, True]
+
+
+def test_roll_out_for_evaluation_goes_on_past_a_cut_off_answer():
+    def answer(dialogues):
+        return [(f"a{len(d.turns) // 2}", len(d.turns) > 1) for d in dialogues]  # first answer cut off
+
+    [(d, finished)] = roll_out([("Answer in French.", ["q1", "q2"])], answer, stop_unfinished=False)
+    assert d.system == "Answer in French." and [t.content for t in d.turns] == ["q1", "a0", "q2", "a1"]
+    assert not finished
+    [(d, _)] = roll_out([("Answer in French.", ["q1", "q2"])], answer)
+    assert [t.content for t in d.turns] == ["q1", "a0"]
 
 
 def test_gatt_flags_reach_the_loss_mask(tok):

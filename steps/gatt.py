@@ -38,6 +38,7 @@ from pipelines.tracking import register_model
 VERSION = "1"
 
 # dialogues ending with a user turn -> the model's answers, and whether each ended at EOS
+# (steps/sft.py:model_answerer is the one backed by a model)
 Answerer = Callable[[list[Dialogue]], list[tuple[str, bool]]]
 
 
@@ -79,28 +80,12 @@ def gatt_dialogues(conversations: list[tuple[str, list[str]]], answer: Answerer)
     return out
 
 
-def model_answerer(model, tok, params, batch_size: int = 64, device: str = "cpu") -> Answerer:
-    """Answer with model/generate.py's KV-cached sampler, `batch_size` prompts at a time."""
-    from model.chat import encode_prompt
-    from model.generate import TorchSampler
-
-    sampler = TorchSampler(model, tok.eos_id, tok.pad_id, device)
-
-    def answer(dialogues: list[Dialogue]) -> list[tuple[str, bool]]:
-        out = []
-        for i in range(0, len(dialogues), batch_size):
-            chunk = [encode_prompt(tok, d) for d in dialogues[i:i + batch_size]]
-            out += [(tok.decode(s.tokens).strip(), s.finished) for s in sampler.generate(chunk, params)]
-        return out
-
-    return answer
-
-
 def follow_rates(model, tok, conversations, max_new_tokens: int) -> tuple[dict[str, float], list[Dialogue]]:
     """Greedy roll-out of each world InstructionDialogue (system prompt, then its questions);
     the fraction of first answers and of later answers that obey the instruction, and the
     rolled-out dialogues."""
     from model.generate import SamplingParams
+    from steps.sft import model_answerer
     from steps.world import follows
 
     answer = model_answerer(model, tok, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
@@ -118,7 +103,7 @@ def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int
     the worker has one); runs as its own Ray task (engine.run_on_worker)."""
     import torch
 
-    from steps.sft import load_chat_model, load_model
+    from steps.sft import load_chat_model, load_model, model_answerer
 
     art = Artifact.load(Path(model_dir))
     mcfg, tok = load_chat_model(art)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from model.chat import Dialogue
 from pipelines.artifacts import Artifact
 from pipelines.config import ModelConfig
 from pipelines.tracking import log_history_figure, register_model
@@ -48,18 +49,31 @@ def load_model(cfg: ModelConfig, weights: Path):
     return model.eval()
 
 
+def model_answerer(model, tok, params, batch_size: int = 64, device: str = "cpu"):
+    """Answer with model/generate.py's KV-cached sampler, `batch_size` prompts at a time."""
+    from model.chat import encode_prompt
+    from model.generate import TorchSampler
+
+    sampler = TorchSampler(model, tok.eos_id, tok.pad_id, device)
+
+    def answer(dialogues: list[Dialogue]) -> list[tuple[str, bool]]:
+        out = []
+        for i in range(0, len(dialogues), batch_size):
+            chunk = [encode_prompt(tok, d) for d in dialogues[i:i + batch_size]]
+            out += [(tok.decode(s.tokens).strip(), s.finished) for s in sampler.generate(chunk, params)]
+        return out
+
+    return answer
+
+
 def judge_model(model, tok, items, max_new_tokens: int) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers to the world's items, scored by its ground-truth judge."""
-    from model.chat import encode_prompt
-    from model.generate import SamplingParams, TorchSampler
+    from model.generate import SamplingParams
     from steps.world import judge
 
-    sampler = TorchSampler(model, tok.eos_id, tok.pad_id)
-    samples = sampler.generate([encode_prompt(tok, it.dialogue) for it in items],
-                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+    answer = model_answerer(model, tok, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
     rows, scores = [], {"helpfulness": [], "safety": []}
-    for it, s in zip(items, samples):
-        text = tok.decode(s.tokens).strip()
+    for it, (text, _) in zip(items, answer([it.dialogue for it in items])):
         j = judge(it, text)
         for k in scores:
             scores[k].append(j[k])

@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.config import DedupConfig, QualityConfig, SourceConfig  # noqa: E402
 from scripts.fetch_demo_data import ensure  # noqa: E402
 from steps.data.clean import clean_text  # noqa: E402
+from steps.data.config import DedupConfig, QualityConfig, SourceConfig  # noqa: E402
 from steps.data.dedup import find_duplicates  # noqa: E402
 from steps.data.readers import read_source  # noqa: E402
 

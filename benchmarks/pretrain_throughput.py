@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pipelines.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from steps.engine.config import OptimConfig, TrainConfig  # noqa: E402
 
 CONFIGS = {
     "cpu": dict(model=ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8000, multiple_of=64,

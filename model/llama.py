@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from model import kernels
-from pipelines.config import ModelConfig
+from model.config import ModelConfig
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:

@@ -21,19 +21,20 @@ if __package__ in (None, ""):  # `python pipelines/full.py`: make the repo impor
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.runner import StepSpec
 from pipelines.session import run_pipeline
+from steps import data, gatt, pretrain, sft, tokenizer
 
 
 def pipeline(cfg: Config) -> list[StepSpec]:
     """The full recipe's steps in topological order (RECIPE.md sections 1-8)."""
     steps = [
         # data steps are drivers of Ray Data jobs: their node holds no CPU the job needs
-        StepSpec("data", "steps.data", "data", ("data", "run.seed"), light=True),
-        StepSpec("tokenizer", "steps.tokenizer", "tokenizer", ("tokenizer", "run.seed"),
+        StepSpec("data", data, "data", ("data", "run.seed"), light=True),
+        StepSpec("tokenizer", tokenizer, "tokenizer", ("tokenizer", "run.seed"),
                  inputs={"corpus": "data"}, light=True),
         # training steps only launch Ray Train workers, which ask for the CPUs/GPUs
-        StepSpec("pretrain", "steps.pretrain", "pretrain", ("model", "pretrain", "run.seed"),
+        StepSpec("pretrain", pretrain, "pretrain", ("model", "pretrain", "run.seed"),
                  inputs={"tokenized": "tokenizer"}, light=True),
-        StepSpec("sft", "steps.sft", "sft", ("sft", "run.seed", "run.name"), inputs={"pretrained": "pretrain"},
+        StepSpec("sft", sft, "sft", ("sft", "run.seed", "run.name"), inputs={"pretrained": "pretrain"},
                  light=True),
     ]
     chat_models = ["sft"]  # chat model of iteration i is chat_models[i]; the RLHF loop appends V1..V5
@@ -41,7 +42,7 @@ def pipeline(cfg: Config) -> list[StepSpec]:
         # Ghost Attention on the model of iteration `after_iteration` (V3 in the paper); while
         # the loop has fewer iterations, on the newest chat model there is.
         base = chat_models[min(cfg.rlhf.gatt.after_iteration, len(chat_models) - 1)]
-        steps.append(StepSpec("gatt", "steps.gatt", "rlhf", ("rlhf.gatt", "run.seed", "run.name"),
+        steps.append(StepSpec("gatt", gatt, "rlhf", ("rlhf.gatt", "run.seed", "run.name"),
                               inputs={"model": base}, tags={"technique": "gatt"}, light=True))
     return steps
 

@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pipelines.artifacts import Artifact, ArtifactStore, fingerprint
@@ -32,14 +33,18 @@ log = logging.getLogger("pipelines")
 class StepSpec:
     """One node of a pipeline: which step module runs, on what, with which config."""
 
-    name: str  # artifact directory and MLflow run name, e.g. "data", "rlhf_v3"
-    module: str  # importable module with VERSION and run(ctx, **inputs)
+    name: str  # artifact directory and MLflow run name, e.g. "data", "rs_v3"
+    module: str | ModuleType  # the step module (VERSION, run(ctx, **inputs)); kept as its import name
     stage: str  # MLflow tag, e.g. "data", "pretrain", "rlhf"
     config_keys: tuple[str, ...]  # dotted config subsets that determine the output
     inputs: dict[str, str] = field(default_factory=dict)  # run() kwarg -> upstream step name
     params: dict[str, Any] = field(default_factory=dict)  # extra run() kwargs (in the fingerprint)
     tags: dict[str, str] = field(default_factory=dict)
     light: bool = False  # the node only drives Ray Data jobs or Ray Train workers: it asks for no CPU
+
+    def __post_init__(self) -> None:  # a module object is not picklable; its name travels to Ray
+        if isinstance(self.module, ModuleType):
+            object.__setattr__(self, "module", self.module.__name__)
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class StepResult:
 
 class StepContext:
     """What a step's run() receives besides its inputs. Logging methods (log_metrics,
-    log_params, log_figure, log_table, log_artifact, set_tags, ...) go to the step's MLflow
+    log_params, log_figure, log_table, log_artifact, log_history_figure, register_model,
+    set_tags, ...) go to the step's MLflow
     run (pipelines/tracking.py RunLogger), or nowhere when the step runs untracked (tests)."""
 
     def __init__(self, cfg: Config, spec: StepSpec, out_dir: Path, work_dir: Path,
@@ -83,8 +89,10 @@ class StepContext:
 
 
 class _NullLogger:
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
+    """An untracked run: every logging call does nothing (register_model returns version 0)."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return lambda *args, **kwargs: 0 if name == "register_model" else None
 
 
 def step_module(spec: StepSpec) -> Any:

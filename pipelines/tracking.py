@@ -11,13 +11,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from pipelines.config import Config
+if TYPE_CHECKING:
+    from pipelines.config import Config
+
 
 
 @dataclass(frozen=True)
@@ -129,44 +131,40 @@ class RunLogger:
             datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
         )
 
+    def log_history_figure(self, history: list[dict[str, float]], keys: list[str], name: str,
+                           title: str = "") -> None:
+        """Plot metric curves from a list of {step, key: value} rows and log the PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in keys:
+            pts = [(h["step"], h[key]) for h in history if key in h]
+            if pts:
+                ax.plot(*zip(*pts), label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        self.log_figure(fig, name)
+        plt.close(fig)
+
+    def register_model(self, name: str, local_dir: Path, alias: str) -> int:
+        """Log `local_dir` (an HF model directory) to the run and register it as a new version
+        of model `name` with `alias` (e.g. `sft`, `rlhf-v3`, `champion`); returns the version."""
+        client = self.client
+        self.log_artifact(local_dir, "hf")
+        run = client.get_run(self.run_id)
+        try:
+            client.create_registered_model(name)
+        except Exception:  # already registered
+            pass
+        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/hf", run_id=self.run_id,
+                                              tags={"alias": alias})
+        client.set_registered_model_alias(name, alias, version.version)
+        return int(version.version)
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-
-
-def log_history_figure(logger: RunLogger, history: list[dict[str, float]], keys: list[str], name: str,
-                       title: str = "") -> None:
-    """Plot metric curves from a list of {step, key: value} rows and log the PNG to the run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in keys:
-        pts = [(h["step"], h[key]) for h in history if key in h]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    logger.log_figure(fig, name)
-    plt.close(fig)
-
-
-def register_model(logger: RunLogger, name: str, local_dir: Path, alias: str) -> int:
-    """Log `local_dir` (an HF model directory) to the run and register it as a new version of
-    model `name` with `alias` (e.g. `sft`, `rlhf-v3`, `champion`); returns the version."""
-    if not isinstance(logger, RunLogger):  # untracked run (tests)
-        return 0
-    client = logger.client
-    logger.log_artifact(local_dir, "hf")
-    run = client.get_run(logger.run_id)
-    try:
-        client.create_registered_model(name)
-    except Exception:  # already registered
-        pass
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/hf", run_id=logger.run_id,
-                                          tags={"alias": alias})
-    client.set_registered_model_alias(name, alias, version.version)
-    return int(version.version)

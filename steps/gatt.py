@@ -27,15 +27,54 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
 from model.chat import Dialogue, Turn
-from pipelines.artifacts import Artifact
-from pipelines.tracking import register_model
+from model.config import Section
+from steps.engine.config import OptimConfig, StepResources, TrainConfig
+
+if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
+    from pipelines.artifacts import Artifact
 
 VERSION = "1"
+
+
+class GAttConfig(Section):
+    """Ghost Attention (RECIPE 8): synthetic multi-turn data under a system instruction."""
+
+    enabled: bool = True
+    after_iteration: int = Field(3, ge=0)  # applied to the RLHF V3 model (0: the SFT model)
+    num_dialogues: int = Field(1000, ge=1)
+    min_turns: int = Field(2, ge=2)
+    turns: int = Field(3, ge=2)  # conversations have min_turns..turns user messages
+    # The paper's synthetic constraints: hobbies, a language, a public figure to act as.
+    instructions: list[str] = Field(default_factory=lambda: [
+        "Always answer in French.", "Act as Napoleon.", "Act as Oscar Wilde.", "You enjoy tennis.",
+        "You love gardening.", "Always answer in Spanish.", "Answer with a haiku.",
+        "Act as a pirate."], min_length=1)
+    sources: list[str] = Field(default_factory=list)  # dialogue files whose first user turns are the messages
+    max_user_tokens: int = Field(256, ge=1)  # user messages longer than this are not used
+    demo_world: bool = False  # tiny preset: messages and the outcome measure from the demo world
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    sample_batch_size: int = Field(64, ge=1)
+    sampler: StepResources = StepResources(num_cpus=8, num_gpus=1)  # the Ray task that samples answers
+    replay_ratio: float = Field(1.0, ge=0)  # + this many input-model training dialogues per GAtt dialogue
+    seq_len: int = 4096
+    train: TrainConfig = TrainConfig(global_batch_size=64, epochs=1.0, num_workers=64, use_gpu=True,
+                                     gpus_per_worker=1, cpus_per_worker=8)
+    optim: OptimConfig = OptimConfig(lr=1e-5, warmup_steps=0)
+
+    @model_validator(mode="after")
+    def _turns_ordered(self) -> GAttConfig:
+        if self.min_turns > self.turns:
+            raise ValueError(f"min_turns ({self.min_turns}) exceeds turns ({self.turns})")
+        return self
 
 # dialogues ending with a user turn -> the model's answers, and whether each ended at EOS
 # (steps/sft.py:model_answerer is the one backed by a model)
@@ -105,9 +144,8 @@ def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int
 
     from steps.sft import load_chat_model, load_model, model_answerer
 
-    art = Artifact.load(Path(model_dir))
-    mcfg, tok = load_chat_model(art)
-    model = load_model(mcfg, art.file("model.safetensors"))
+    mcfg, tok = load_chat_model(Path(model_dir))
+    model = load_model(mcfg, Path(model_dir) / "model.safetensors")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         model = model.to(device, torch.bfloat16)
@@ -138,7 +176,7 @@ def run(ctx, model: Artifact) -> dict[str, float]:
     from steps.world import STYLES, World, follows
 
     gcfg = ctx.cfg.rlhf.gatt
-    mcfg, tok = load_chat_model(model)
+    mcfg, tok = load_chat_model(model.path)
     world = World(ctx.seed)
     rng = random.Random(ctx.seed)
     pool = user_messages(gcfg, world, tok)
@@ -186,5 +224,5 @@ def run(ctx, model: Artifact) -> dict[str, float]:
         sample = dialogues[:50]  # GAtt dialogues only, not the replay
         ctx.log_table({"system": [d.system for d in sample],
                        "dialogue": [" | ".join(t.content for t in d.turns) for d in sample]}, "gatt_dialogues.json")
-    metrics["registry_version"] = register_model(ctx.logger, f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", "gatt")
+    metrics["registry_version"] = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", "gatt")
     return metrics

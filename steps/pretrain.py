@@ -11,13 +11,23 @@ from __future__ import annotations
 import json
 import math
 from functools import partial
+from typing import TYPE_CHECKING
 
-from pipelines.artifacts import Artifact
-from pipelines.config import ModelConfig
-from pipelines.tracking import log_history_figure
+from model.config import ModelConfig, Section
 from steps.engine import Objective, collate_lm, lm_objective_loss, train
+from steps.engine.config import OptimConfig, TrainConfig
+
+if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
+    from pipelines.artifacts import Artifact
 
 VERSION = "1"
+
+
+class PretrainConfig(Section):
+    train: TrainConfig = TrainConfig(global_batch_size=1024, num_workers=256, use_gpu=True,
+                                     gpus_per_worker=1, cpus_per_worker=8,
+                                     activation_checkpointing=True, max_steps=500_000)
+    optim: OptimConfig = OptimConfig()
 
 
 def build_model(cfg: ModelConfig):
@@ -56,7 +66,7 @@ def run(ctx, tokenized: Artifact) -> dict[str, float]:
                    mlflow_run_id=ctx.mlflow_run_id)
     export_hf(result.weights, mcfg, ctx.out_dir / "hf", tokenizer_model=tokenized.file("tokenizer.model"))
     (ctx.out_dir / "model_config.json").write_text(mcfg.model_dump_json(indent=2))
-    log_history_figure(ctx.logger, result.history, ["loss", "eval_loss"], "loss_curve.png", "pretraining loss")
+    ctx.log_history_figure(result.history, ["loss", "eval_loss"], "loss_curve.png", "pretraining loss")
     final = result.final
     val = final.get("eval_loss", float("nan"))
     return {

@@ -14,18 +14,32 @@ import json
 import os
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field
 
 from model.chat import Dialogue
-from pipelines.artifacts import Artifact
-from pipelines.config import ModelConfig
-from pipelines.tracking import log_history_figure, register_model
+from model.config import ModelConfig, Section
 from steps.engine import Objective, TrainResult, lm_objective_loss, train
+from steps.engine.config import OptimConfig, TrainConfig
+
+if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
+    from pipelines.artifacts import Artifact
 
 VERSION = "2"  # 2: demo world with single-turn instructions and plain multi-turn dialogues
+
+
+class SFTConfig(Section):
+    train: TrainConfig = TrainConfig(global_batch_size=64, epochs=2.0, num_workers=64, use_gpu=True,
+                                     gpus_per_worker=1, cpus_per_worker=8)
+    optim: OptimConfig = OptimConfig(lr=2e-5, warmup_steps=0)
+    seq_len: int = 4096
+    sources: list[str] = Field(default_factory=list)  # dialogue files (alpaca/sharegpt/messages)
+    max_source_examples: int | None = Field(None, ge=1)  # cap per file (the tiny preset keeps the world dominant)
+    demo_world: bool = True  # add the seeded demo chat world (tiny preset)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,12 +108,12 @@ def resolve(path: str) -> list[Path]:
     return hits
 
 
-def load_chat_model(art: Artifact):
-    """(model config, tokenizer) of a model artifact (pretrain, sft, gatt, rlhf-*)."""
+def load_chat_model(model_dir: Path):
+    """(model config, tokenizer) of a model artifact's directory (pretrain, sft, gatt, rlhf-*)."""
     from model.tokenizer import Tokenizer
 
-    return (ModelConfig.model_validate_json(art.file("model_config.json").read_text()),
-            Tokenizer(art.file("hf/tokenizer.model")))
+    return (ModelConfig.model_validate_json((model_dir / "model_config.json").read_text()),
+            Tokenizer(model_dir / "hf" / "tokenizer.model"))
 
 
 def finetune(ctx, name: str, base: Artifact, dialogues: list, eval_dialogues: list, train_cfg, optim_cfg,
@@ -110,7 +124,7 @@ def finetune(ctx, name: str, base: Artifact, dialogues: list, eval_dialogues: li
     from model.hf import export_hf
     from steps.sft_data import pack, to_table, write_packed
 
-    mcfg, tok = load_chat_model(base)
+    mcfg, tok = load_chat_model(base.path)
     pq.write_table(to_table(dialogues, name), ctx.out_dir / "dialogues.parquet")
     rows, stats = pack(tok, dialogues, seq_len)
     write_packed(rows, ctx.out_dir / "packed" / "train.parquet")
@@ -126,7 +140,7 @@ def finetune(ctx, name: str, base: Artifact, dialogues: list, eval_dialogues: li
         init_weights=str(base.file("model.safetensors")), model_cfg=mcfg)
     result = train(objective, train_cfg, optim_cfg, work_dir=ctx.work_dir, out_dir=ctx.out_dir,
                    seed=ctx.seed, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
-    log_history_figure(ctx.logger, result.history, ["loss", "eval_loss"], f"{name}_loss_curve.png", f"{name} loss")
+    ctx.log_history_figure(result.history, ["loss", "eval_loss"], f"{name}_loss_curve.png", f"{name} loss")
     export_hf(result.weights, mcfg, ctx.out_dir / "hf", tokenizer_model=base.file("hf/tokenizer.model"))
     (ctx.out_dir / "model_config.json").write_text(mcfg.model_dump_json(indent=2))
     return result, stats
@@ -153,7 +167,7 @@ def run(ctx, pretrained: Artifact) -> dict[str, float]:
                "first_loss": result.history[0]["loss"], "steps": result.final.get("step"),
                **{f"data.{k}": v for k, v in stats.items()}}
     if scfg.demo_world:
-        mcfg, tok = load_chat_model(pretrained)
+        mcfg, tok = load_chat_model(pretrained.path)
         items = world.items("eval")
         before, _ = judge_model(load_model(mcfg, pretrained.file("model.safetensors")), tok, items, 32)
         after, rows = judge_model(load_model(mcfg, result.weights), tok, items, 32)
@@ -161,5 +175,5 @@ def run(ctx, pretrained: Artifact) -> dict[str, float]:
         metrics.update({f"judge.sft.{k}": v for k, v in after.items()})
         ctx.log_table({k: [r[k] for r in rows[:100]] for k in rows[0]}, "sft_generations.json")
         (ctx.out_dir / "judge.json").write_text(json.dumps({"pretrained": before, "sft": after}, indent=2))
-    metrics["registry_version"] = register_model(ctx.logger, f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", "sft")
+    metrics["registry_version"] = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", "sft")
     return metrics

@@ -21,15 +21,32 @@ import math
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
+from model.config import Section
 from model.tokenizer import Tokenizer
-from pipelines.artifacts import Artifact
+
+if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
+    from pipelines.artifacts import Artifact
 
 VERSION = "1"
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(32_000, ge=64)
+    model_type: Literal["bpe"] = "bpe"
+    split_digits: bool = True
+    byte_fallback: bool = True
+    character_coverage: float = Field(0.99995, gt=0, le=1)
+    input_sentence_size: int = 10_000_000  # sentences SentencePiece samples for training
+    max_sentence_length: int = 16_384
+    seq_len: int = Field(4096, ge=8)  # packed pretraining sequence length
+    val_fraction: float = Field(0.01, ge=0, lt=0.5)
 SEQUENCE_SCHEMA = pa.schema([pa.field("tokens", pa.list_(pa.int32()), nullable=False)])
 ENCODE_BATCH = 512  # documents per Ray Data batch
 SHARD_ROWS = 65_536  # sequences per output Parquet file

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipelines.config import QualityConfig
 from steps.data.clean import c4_lines, clean_batch, clean_text, code_reason, gopher_reason
+from steps.data.config import QualityConfig
 from steps.data.langid import detect
 from steps.data.pii import luhn_ok, scrub_pii
 

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from pipelines.config import DedupConfig
+from steps.data.config import DedupConfig
 from steps.data.dedup import drop_lines, find_duplicates, line_hashes, minhash_signatures, similarity
 
 CFG = DedupConfig(num_perm=128, bands=32, threshold=0.7)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipelines.config import SourceConfig, load_config
+from pipelines.config import load_config
+from steps.data.config import SourceConfig
 from steps.data.mixture import apply_batch, copies, plan_mixture
 
 

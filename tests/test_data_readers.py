@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipelines.config import SourceConfig
 from scripts.fetch_demo_data import DEFAULT_DEST, ensure
+from steps.data.config import SourceConfig
 from steps.data.readers import CorruptInputError, ReadReport, read_source, strip_gutenberg
 from steps.data.wikitext import strip_wiki_markup
 

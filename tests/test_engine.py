@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import ModelConfig, OptimConfig, TrainConfig
+from model.config import ModelConfig
 from steps.engine import Objective, collate_lm, lm_objective_loss, train
+from steps.engine.config import OptimConfig, TrainConfig
 from steps.engine.data import RowSource
 from steps.engine.optim import lr_multiplier
 
@@ -129,7 +130,8 @@ import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 from functools import partial
 import numpy as np, torch
-from pipelines.config import ModelConfig, OptimConfig, TrainConfig
+from model.config import ModelConfig
+from steps.engine.config import OptimConfig, TrainConfig
 from steps.engine.objective import Objective, collate_lm, lm_objective_loss
 from steps.engine.worker import build_engine, train_step
 from model.llama import Transformer

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from model.chat import Dialogue, Turn, encode_dialogue, encode_prompt, parse, render
+from model.config import ModelConfig
 from model.generate import SamplingParams, TorchSampler, generate_uncached
 from model.llama import Transformer
-from pipelines.config import ModelConfig
 from tests.conftest import train_tiny_tokenizer
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from model.config import ModelConfig
 from model.hf import export_hf, import_hf
 from model.llama import Transformer
 from model.tokenizer import Tokenizer
-from pipelines.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

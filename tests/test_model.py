@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from model.config import ModelConfig
 from model.kernels import attention, attention_reference, repeat_kv
 from model.llama import KVCache, Transformer, ffn_hidden_dim, lm_loss, rope_tables
-from pipelines.config import ModelConfig, load_config
+from pipelines.config import load_config
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import Config, DataConfig
 from steps.data import dedup as dd
 from steps.data.clean import clean_batch
+from steps.data.config import DataConfig
 from steps.data.mixture import apply_batch, plan_mixture, plan_table
 from steps.data.readers import READERS, ReadReport, expand_paths
 from steps.data.schema import DOCUMENT_SCHEMA, DUPLICATE_SCHEMA
@@ -50,7 +50,7 @@ def source_files(cfg: DataConfig) -> list[tuple[int, Path]]:
     return out
 
 
-def fingerprint_inputs(cfg: Config) -> str:
+def fingerprint_inputs(cfg) -> str:
     """Raw inputs by path, size and modification time (content hashing TBs is not an option)."""
     h = hashlib.sha256()
     for i, f in source_files(cfg.data):
@@ -62,7 +62,7 @@ def fingerprint_inputs(cfg: Config) -> str:
 
 def read_file(item: dict, sources: list[dict], on_error: str) -> list[dict]:
     """Ray Data flat_map: one input file -> its documents, plus one row per recorded error."""
-    from pipelines.config import SourceConfig
+    from steps.data.config import SourceConfig
 
     src = SourceConfig.model_validate(sources[item["source_index"]])
     report = ReadReport()

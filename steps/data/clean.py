@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from pipelines.config import QualityConfig
+from steps.data.config import QualityConfig
 from steps.data.langid import detect
 from steps.data.pii import KINDS, scrub_pii
 

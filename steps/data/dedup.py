@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipelines.config import DedupConfig
+from steps.data.config import DedupConfig
 
 MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)

@@ -14,7 +14,7 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass
 
-from pipelines.config import SourceConfig
+from steps.data.config import SourceConfig
 
 
 @dataclass(frozen=True)

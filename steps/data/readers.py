@@ -27,7 +27,7 @@ from typing import IO
 
 import pyarrow.parquet as pq
 
-from pipelines.config import SourceConfig
+from steps.data.config import SourceConfig
 from steps.data.wikitext import strip_wiki_markup
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import OptimConfig, StepResources, TrainConfig
+from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.engine.objective import Objective
 from steps.engine.worker import train_loop
 

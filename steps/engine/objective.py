@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipelines.config import ModelConfig
+from model.config import ModelConfig
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 

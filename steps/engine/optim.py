@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from pipelines.config import OptimConfig
+from steps.engine.config import OptimConfig
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.config import OptimConfig, TrainConfig
+from steps.engine.config import OptimConfig, TrainConfig
 from steps.engine.data import RowSource
 from steps.engine.objective import Objective
 from steps.engine.optim import build_optimizer

@@ -1,0 +1,56 @@
+"""The training engine's config: how one training runs (workers, batch, precision,
+checkpoints) and its optimizer and schedule; plus the resources of a Ray task a step starts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from model.config import Section
+
+
+class StepResources(Section):
+    """What the DAG node of one step asks Ray for. Training steps keep their node light
+    and ask for workers in their own `train` section instead."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+    image: str | None = None  # container image for this step on a cluster (runtime_env image_uri)
+
+
+class OptimConfig(Section):
+    """AdamW + schedule; defaults are the paper's pretraining ones (RECIPE 4)."""
+
+    lr: float = Field(3.0e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(2000, ge=0)
+    warmup_fraction: float | None = Field(None, ge=0, lt=1)  # overrides warmup_steps (RM: 3%)
+    min_warmup_steps: int = 0
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class TrainConfig(Section):
+    """How the shared engine runs one training: workers, batch, precision, checkpoints."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    global_batch_size: int = Field(1024, ge=1)  # sequences (or pairs / rollouts) per optimizer step
+    micro_batch_size: int = Field(1, ge=1)  # per worker per forward
+    max_steps: int | None = Field(None, ge=1)  # None: derive from epochs
+    epochs: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(100, ge=1)
+    max_failures: int = Field(1, ge=0)
+    offload_optimizer: bool = False

@@ -101,9 +101,9 @@ def step_module(spec: StepSpec) -> Any:
 
 def input_fingerprint(spec: StepSpec, cfg: Config) -> str | None:
     """Steps that read raw inputs outside the store (corpora, preference batches) fingerprint
-    them with an optional module-level `fingerprint_inputs(cfg) -> str`."""
-    fn: Callable[[Config], str] | None = getattr(step_module(spec), "fingerprint_inputs", None)
-    return fn(cfg) if fn else None
+    them with an optional module-level `fingerprint_inputs(cfg, **params) -> str | None`."""
+    fn: Callable[..., str | None] | None = getattr(step_module(spec), "fingerprint_inputs", None)
+    return fn(cfg, **spec.params) if fn else None
 
 
 def plan_fingerprints(specs: list[StepSpec], cfg: Config) -> dict[str, str]:

@@ -50,7 +50,7 @@ def source_files(cfg: DataConfig) -> list[tuple[int, Path]]:
     return out
 
 
-def fingerprint_inputs(cfg) -> str:
+def fingerprint_inputs(cfg, **_params) -> str:
     """Raw inputs by path, size and modification time (content hashing TBs is not an option)."""
     h = hashlib.sha256()
     for i, f in source_files(cfg.data):

@@ -151,9 +151,10 @@ class RunLogger:
         self.log_figure(fig, name)
         plt.close(fig)
 
-    def register_model(self, name: str, local_dir: Path, alias: str) -> int:
+    def register_model(self, name: str, local_dir: Path, alias: str, tags: dict[str, str] | None = None) -> int:
         """Log `local_dir` (an HF model directory) to the run and register it as a new version
-        of model `name` with `alias` (e.g. `sft`, `rlhf-v3`, `champion`); returns the version."""
+        of model `name` with `alias` (e.g. `sft`, `rlhf-v3`, `champion`) and version `tags` (e.g.
+        the data versions a reward model saw); returns the version."""
         client = self.client
         self.log_artifact(local_dir, "hf")
         run = client.get_run(self.run_id)
@@ -162,7 +163,7 @@ class RunLogger:
         except Exception:  # already registered
             pass
         version = client.create_model_version(name, source=f"{run.info.artifact_uri}/hf", run_id=self.run_id,
-                                              tags={"alias": alias})
+                                              tags={"alias": alias, **(tags or {})})
         client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
 

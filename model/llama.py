@@ -68,11 +68,49 @@ class KVCache:
         return KVCache(self.k.repeat_interleave(k, dim=1), self.v.repeat_interleave(k, dim=1), self.length)
 
 
+INIT_STD = 0.02  # N(0, 0.02) for every weight matrix (GPT-2 / LLaMA); RMSNorm gains start at 1
+
+
+def residual_std(cfg: ModelConfig, std: float = INIT_STD) -> float:
+    """Projections that write into the residual stream (wo, w2) start at std / sqrt(2 * n_layers)
+    (GPT-2), so the residual's variance does not grow with depth."""
+    return std / math.sqrt(2 * cfg.n_layers)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer initialised N(0, std) in its own construction.
+
+    Initialising here rather than afterwards is what makes it hold under ZeRO-3:
+    `deepspeed.zero.Init` partitions a module's parameters as soon as its __init__ returns, so an
+    init applied to the finished model would change nothing (shared/STACK.md)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float = INIT_STD):
+        self.std = std  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding initialised N(0, std) (PyTorch's default is N(0, 1)), in construction."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float = INIT_STD):
+        self.std = std
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
@@ -84,10 +122,10 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, self.n_heads * self.head_dim)
+        self.wk = Linear(cfg.dim, self.n_kv_heads * self.head_dim)
+        self.wv = Linear(cfg.dim, self.n_kv_heads * self.head_dim)
+        self.wo = Linear(self.n_heads * self.head_dim, cfg.dim, std=residual_std(cfg))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -111,9 +149,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = ffn_hidden_dim(cfg)
-        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)  # down
+        self.w1 = Linear(cfg.dim, hidden)  # gate
+        self.w3 = Linear(cfg.dim, hidden)  # up
+        self.w2 = Linear(hidden, cfg.dim, std=residual_std(cfg))  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
@@ -132,13 +170,13 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """The output projection. With `targets` it returns (loss sum, token count) through the
     fused linear + cross-entropy instead of logits; doing it inside this module's forward
     keeps it correct under ZeRO-3, which gathers a module's weights only during its forward."""
 
     def __init__(self, dim: int, vocab_size: int):
-        super().__init__(dim, vocab_size, bias=False)
+        super().__init__(dim, vocab_size)
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
         if targets is None:
@@ -150,21 +188,27 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # every parameter is initialised by its own module's construction (Linear, Embedding,
+        # RMSNorm above), so the model is ready as built, with or without deepspeed.zero.Init
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = LMHead(cfg.dim, cfg.vocab_size)
         self.checkpoint_layers = False  # activation checkpointing, switched on by the engine
 
-    def init_weights(self, std: float = 0.02) -> None:
-        """Normal(0, std); residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)  # RMSNorm gains
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+    def init_weights(self, std: float = INIT_STD) -> None:
+        """Re-draw every weight with base `std` (residual projections std / sqrt(2 * n_layers)),
+        gains 1. Construction already did this with INIT_STD: call it only to re-initialise an
+        unpartitioned model (tests use a larger std for peakier distributions)."""
+        if any(hasattr(p, "ds_id") for p in self.parameters()):  # ZeRO-3 shards: nothing to redo here
+            if std != INIT_STD:
+                raise RuntimeError("init_weights(std) on ZeRO-3 partitioned parameters would change nothing")
+            return
+        for name, m in self.named_modules():
+            if isinstance(m, (Linear, Embedding)):
+                m.std = residual_std(self.cfg, std) if name.endswith(("wo", "w2")) else std
+            if isinstance(m, (Linear, Embedding, RMSNorm)):
+                m.reset_parameters()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -9,9 +9,12 @@ upload does not need to carry them):
     wiki/     Wikipedia articles, one per line        <- llamafactory==0.9.5 sdist
     wikixml/  a real MediaWiki XML dump (bz2)          <- gensim==4.4.0 wheel
     sft/      Alpaca-format instruction data           <- llamafactory==0.9.5 sdist
+    prefs/    ShareGPT-style DPO preference pairs      <- llamafactory==0.9.5 sdist
+              (dpo_en_demo.json: 300 real pairs, the sharegpt-dpo adapter's test data)
     code/     Python standard-library modules (PSF-2.0), copied from this interpreter
 
-Idempotent: a package whose files are present is skipped. Exit status 1 names what failed.
+Idempotent: a package whose files are present is skipped (its marker records the pinned
+sha256 and the member list, so adding a member to a package fetches it again). Exit status 1 names what failed.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ PACKAGES = [
             "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f", False,
             {"llamafactory-0.9.5/data/c4_demo.jsonl": "web",
              "llamafactory-0.9.5/data/wiki_demo.txt": "wiki",
-             "llamafactory-0.9.5/data/alpaca_en_demo.json": "sft"}),
+             "llamafactory-0.9.5/data/alpaca_en_demo.json": "sft",
+             "llamafactory-0.9.5/data/dpo_en_demo.json": "prefs"}),
     Package("gensim==4.4.0", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
             "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8", True,
             {"gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2":
@@ -113,6 +117,10 @@ def marker(dest: Path, pkg: Package) -> Path:
     return dest / f".{pkg.filename}.ok"
 
 
+def marker_text(pkg: Package) -> str:
+    return pkg.sha256 + "\n" + "\n".join(f"{k} -> {v}" for k, v in sorted(pkg.members.items()))
+
+
 def copy_stdlib(dest: Path) -> int:
     lib = Path(sysconfig.get_paths()["stdlib"])
     out = dest / "code"
@@ -140,11 +148,12 @@ def ensure(dest: Path = DEFAULT_DEST, verbose: bool = True) -> Path:
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
         for pkg in PACKAGES:
-            if marker(dest, pkg).exists():
+            done = marker(dest, pkg)
+            if done.exists() and done.read_text() == marker_text(pkg):
                 continue
             try:
                 n = extract(pkg, download(pkg, Path(tmp)), dest)
-                marker(dest, pkg).write_text(pkg.sha256)
+                marker(dest, pkg).write_text(marker_text(pkg))
                 if verbose:
                     print(f"fetched {pkg.requirement}: {n} files into {dest}")
             except RuntimeError as e:

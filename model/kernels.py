@@ -167,9 +167,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          ignore_index: int = -100) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of counted tokens) for hidden [N, D], weight [V, D]."""
     n = int((targets != ignore_index).sum())
+    if n == 0:  # a micro-batch with no loss tokens (all prompt, all padding): loss 0, zero gradients.
+        # Liger returns a mean, 0/0 = NaN here; the product keeps the graph so backward still runs
+        return (hidden.sum() + weight.sum()) * 0.0, 0
     ops = _fast(hidden)
     if ops is not None:
-        mean = ops["flce"].apply(hidden, weight, targets, None, None, ignore_index, 0.0, 0.0, "mean")
-        mean = mean[0] if isinstance(mean, tuple) else mean
-        return mean * n, n
+        total = ops["flce"].apply(hidden, weight, targets, None, None, ignore_index, 0.0, 0.0, "sum")
+        return (total[0] if isinstance(total, tuple) else total), n
     return _ChunkedLinearCE.apply(hidden, weight, targets, ignore_index), n

@@ -221,14 +221,15 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, V] (fp32), or the final hidden states [B, T, D], or
         with targets [B, T] (-100 = ignore): (sum of token losses, number of tokens).
 
-        positions:      [B, T] (default: 0..T-1, offset by what the KV cache holds)
+        positions:      [B, T] (default: one row 0..T-1 for all, offset by what the KV cache holds)
         segment_ids:    [B, T] packed documents: attention stays within equal ids
         attention_mask: [B, S] True for real tokens over the whole cached+new span (left padding)
         """
         B, T = tokens.shape
         offset = kv_cache.length if kv_cache is not None else 0
         if positions is None:
-            positions = torch.arange(offset, offset + T, device=tokens.device).expand(B, T)
+            # one row broadcast over the batch ([1, T]): Liger's RoPE kernel takes exactly that
+            positions = torch.arange(offset, offset + T, device=tokens.device)[None]
         mask = build_mask(T, offset, segment_ids, attention_mask, tokens.device)
         h = self.tok_embeddings(tokens)  # [B, T, D]
         cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, positions, self.cfg.rope_theta)

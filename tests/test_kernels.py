@@ -48,23 +48,119 @@ def test_unknown_backend_is_rejected():
         kernels.use("magic")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths run on the GPU machine only")
-def test_liger_paths_match_reference_on_cuda():
+def test_linear_cross_entropy_with_no_loss_tokens_is_zero_with_zero_gradient():
+    """A micro-batch that is all prompt or padding (SFT, rejection sampling) adds nothing."""
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.randn(12, 16, dtype=dtype, requires_grad=True)
+        w = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+        loss, n = kernels.linear_cross_entropy(h, w, torch.full((12,), -100))
+        loss.backward()
+        assert n == 0 and float(loss) == 0.0
+        assert not h.grad.any() and not w.grad.any()
+
+
+class _MeanReducingCE(torch.autograd.Function):
+    """Stands in for a fused kernel that reduces to a mean (as Liger does with "mean"): on a batch
+    with no loss tokens it divides 0 by 0. Only the dispatch around it is under test."""
+
+    @staticmethod
+    def forward(ctx, h, w, t, bias, ce_weight, ignore_index, lse, smoothing, reduction):
+        with torch.enable_grad():
+            h_, w_ = h.detach().requires_grad_(), w.detach().requires_grad_()
+            loss = torch.nn.functional.cross_entropy(h_ @ w_.T, t, ignore_index=ignore_index, reduction=reduction)
+            ctx.grads = torch.autograd.grad(loss, (h_, w_))
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.grads[0] * g, ctx.grads[1] * g, *([None] * 7)
+
+
+def test_fast_path_is_guarded_against_no_loss_tokens(monkeypatch):
+    monkeypatch.setattr(kernels, "_fast", lambda x: {"flce": _MeanReducingCE})
+    h = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(30, 16, requires_grad=True)
+    loss, n = kernels.linear_cross_entropy(h, w, torch.full((8,), -100))
+    loss.backward()
+    assert n == 0 and float(loss) == 0.0 and not h.grad.isnan().any() and not h.grad.any() and not w.grad.any()
+    t = torch.randint(0, 30, (8,))  # with loss tokens the fast path's result is a sum, as the reference's
+    t[:3] = -100
+    fast, n = kernels.linear_cross_entropy(h, w, t)
+    ref, n_ref = kernels.linear_cross_entropy_reference(h, w, t)
+    assert n == n_ref == 5
+    torch.testing.assert_close(fast, ref)
+
+
+# ----------------------------------------------------------------------------- fused kernels on CUDA
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths run on the GPU machine only")
+
+
+def _both_backends(fn, *inputs):
+    """fn(*inputs) on the Liger path and on the reference: (outputs, input gradients) of each."""
     pytest.importorskip("liger_kernel", reason="requirements-gpu.txt not installed")
+    res = {}
+    try:
+        for backend in ("liger", "reference"):
+            kernels.use(backend)
+            xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+            out = fn(*xs)
+            outs = out if isinstance(out, tuple) else (out,)
+            torch.manual_seed(0)
+            probe = [torch.randn_like(o) for o in outs]  # a random upstream gradient
+            sum((o.float() * g.float()).sum() for o, g in zip(outs, probe)).backward()
+            res[backend] = ([o.detach().float() for o in outs], [x.grad.float() for x in xs if x.requires_grad])
+    finally:
+        kernels.use("auto")
+    return res["liger"], res["reference"]
+
+
+def _close(fast, ref, tol):
+    for a, b in zip(fast[0] + fast[1], ref[0] + ref[1]):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_rmsnorm_fused_matches_reference_values_and_grads(dtype, tol):
     torch.manual_seed(0)
-    dev = "cuda"
-    h = torch.randn(256, 64, device=dev, requires_grad=True)
-    w = torch.randn(1000, 64, device=dev, requires_grad=True)
-    t = torch.randint(0, 1000, (256,), device=dev)
-    kernels.use("liger")
-    loss, _ = kernels.linear_cross_entropy(h, w, t)
-    kernels.use("reference")
-    ref, _ = kernels.linear_cross_entropy(h, w, t)
-    torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-4)
-    x, g = torch.randn(4, 64, device=dev), torch.rand(64, device=dev)
-    kernels.use("liger")
-    fast = kernels.rms_norm(x, g, 1e-5)
-    kernels.use("reference")
-    torch.testing.assert_close(fast, kernels.rms_norm(x, g, 1e-5), atol=1e-4, rtol=1e-4)
-    kernels.use("auto")
+    x = torch.randn(4, 64, 256, device="cuda", dtype=dtype)
+    w = (1 + 0.1 * torch.randn(256, device="cuda")).to(dtype)
+    _close(*_both_backends(lambda x, w: kernels.rms_norm(x, w, 1e-5), x, w), tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_swiglu_fused_matches_reference_values_and_grads(dtype, tol):
+    torch.manual_seed(0)
+    g, u = torch.randn(4, 64, 512, device="cuda", dtype=dtype), torch.randn(4, 64, 512, device="cuda", dtype=dtype)
+    _close(*_both_backends(kernels.swiglu, g, u), tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_rope_fused_matches_reference_values_and_grads(dtype, tol):
+    from model.llama import rope_tables
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 128, 64, device="cuda", dtype=dtype)
+    k = torch.randn(2, 2, 128, 64, device="cuda", dtype=dtype)
+    cos, sin = rope_tables(64, torch.arange(128, device="cuda")[None], 10000.0)  # one row for the batch
+    cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    _close(*_both_backends(lambda q, k: kernels.apply_rope(q, k, cos, sin), q, k), tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
+def test_fused_linear_cross_entropy_matches_reference_values_and_grads(dtype, tol):
+    torch.manual_seed(0)
+    h = (0.5 * torch.randn(512, 128, device="cuda")).to(dtype)
+    w = (0.1 * torch.randn(3000, 128, device="cuda")).to(dtype)
+    t = torch.randint(0, 3000, (512,), device="cuda")
+    t[::7] = -100
+    fast, ref = _both_backends(lambda h, w: kernels.linear_cross_entropy(h, w, t)[0], h, w)
+    torch.testing.assert_close(fast[0][0], ref[0][0], atol=tol * 10, rtol=tol)  # a sum over ~440 tokens
+    _close(([], fast[1]), ([], ref[1]), tol)

@@ -40,7 +40,7 @@ from steps.engine.config import OptimConfig, StepResources, TrainConfig
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "1"
+VERSION = "2"  # 2: wider demo world, held-out figures on its test split
 
 
 class GAttConfig(Section):
@@ -205,8 +205,8 @@ def run(ctx, model: Artifact) -> dict[str, float]:
     metrics = {"train_loss": result.final.get("loss"), "first_loss": result.history[0]["loss"],
                "steps": result.final.get("step"), **{f"data.{k}": v for k, v in {**data, **stats}.items()}}
     if gcfg.demo_world:
-        held_out = world.instruction_dialogues("eval", gcfg.turns)
-        items = world.items("eval")
+        held_out = world.instruction_dialogues("test", gcfg.turns)
+        items = world.items("test")
         report, shown = {}, {"model": [], "system": [], "dialogue": []}
         for name, weights in (("before", model.file("model.safetensors")), ("gatt", result.weights)):
             m = load_model(mcfg, weights)

@@ -29,7 +29,7 @@ from steps.engine.config import OptimConfig, TrainConfig
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "2"  # 2: demo world with single-turn instructions and plain multi-turn dialogues
+VERSION = "3"  # 3: wider demo world (train/validation/test splits, graded judge)
 
 
 class SFTConfig(Section):
@@ -160,7 +160,7 @@ def run(ctx, pretrained: Artifact) -> dict[str, float]:
     rng = np.random.default_rng(ctx.seed)
     dialogues = [dialogues[i] for i in rng.permutation(len(dialogues))]
     ctx.log_params({"sft.examples": len(dialogues), "sft.world_examples": n_world})
-    eval_dialogues = world.sft_dialogues("eval") if scfg.demo_world else []
+    eval_dialogues = world.sft_dialogues("validation") if scfg.demo_world else []
     result, stats = finetune(ctx, "sft", pretrained, dialogues, eval_dialogues, scfg.train, scfg.optim, scfg.seq_len)
 
     metrics = {"train_loss": result.final.get("loss"), "eval_loss": result.final.get("eval_loss"),
@@ -168,7 +168,7 @@ def run(ctx, pretrained: Artifact) -> dict[str, float]:
                **{f"data.{k}": v for k, v in stats.items()}}
     if scfg.demo_world:
         mcfg, tok = load_chat_model(pretrained.path)
-        items = world.items("eval")
+        items = world.items("test")
         before, _ = judge_model(load_model(mcfg, pretrained.file("model.safetensors")), tok, items, 32)
         after, rows = judge_model(load_model(mcfg, result.weights), tok, items, 32)
         metrics.update({f"judge.pretrained.{k}": v for k, v in before.items()})

@@ -1,15 +1,13 @@
-"""SFT data: public-format readers, packing with masks token by token, GAtt construction, the
-demo world and its judge."""
+"""SFT data: public-format readers, packing with masks token by token, GAtt construction (the
+demo world and its judge: tests/test_world.py)."""
 
 import json
-import random
 
 import pytest
 
 from model.chat import Dialogue, Turn, encode_dialogue
 from steps.gatt import gatt_dialogues, roll_out
 from steps.sft_data import BadDialogueError, from_table, pack, read_dialogues, to_table
-from steps.world import REFUSAL, STYLES, World, follows, judge
 from tests.conftest import train_tiny_tokenizer
 
 
@@ -116,35 +114,3 @@ def test_gatt_flags_reach_the_loss_mask(tok):
     ids, mask = encode_dialogue(tok, d)
     trained = tok.decode([i for i, m in zip(ids, mask) if m and i != tok.eos_id])
     assert trained.strip() == "fr five" and sum(mask) == len(tok.encode("fr five")) + 1
-
-
-def test_world_instruction_dialogues_are_held_out():
-    w = World(0)
-    train_questions = set(w.user_messages("train"))
-    convs = w.instruction_dialogues("eval", 3)
-    assert len(convs) >= 30 and {c.system for c in convs} == set(STYLES)
-    assert all(len(c.questions) == 3 and not train_questions & set(c.questions) for c in convs)
-    assert follows("Arr, ", "Arr, The answer is 5.") and not follows("Arr, ", "The answer is 5.")
-    # SFT data shows an instruction only for the turn it comes with: GAtt has something to add
-    sft = w.sft_dialogues("train")
-    assert not any(d.system and len(d.turns) > 2 for d in sft)
-    assert any(len(d.turns) > 2 for d in sft)
-
-
-def test_world_splits_and_judge():
-    w = World(0)
-    train, held_out = w.items("train"), w.items("eval")
-    assert {i.kind for i in held_out} == {"arithmetic", "lookup", "unsafe", "lookalike", "styled", "multiturn"}
-    train_prompts = {tuple(t.content for t in i.dialogue.turns) for i in train}
-    assert not any(tuple(t.content for t in i.dialogue.turns) in train_prompts for i in held_out)
-    assert World(0).items("eval") == held_out  # seeded
-    for item in held_out:
-        assert judge(item, item.answer) == {"helpfulness": 1.0, "safety": 1.0}
-    unsafe = next(i for i in held_out if i.kind == "unsafe")
-    assert judge(unsafe, "Sure, here is how.") == {"helpfulness": 0.0, "safety": 0.0}
-    look = next(i for i in held_out if i.kind == "lookalike")
-    assert judge(look, REFUSAL)["helpfulness"] == 0.0
-    styled = next(i for i in held_out if i.kind == "styled")
-    assert judge(styled, styled.answer[len(styled.style):])["helpfulness"] == 0.0  # instruction ignored
-    chosen, rejected, strength = w.preference_pair(unsafe, random.Random(0))
-    assert judge(unsafe, chosen)["safety"] > judge(unsafe, rejected)["safety"] and strength

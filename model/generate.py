@@ -2,19 +2,41 @@
 
 `TorchSampler` is plain PyTorch: prompts are left-padded into one batch, prefilled once, the
 cache is repeated K times, and one token per row is decoded per step; rows stop at EOS
-independently. `VLLMSampler` puts vLLM behind the same interface for large-scale sampling on
-GPU clusters (it loads the Hugging Face export; vLLM has no CPU build and is imported lazily).
-`generate_uncached` recomputes the whole sequence every step: the reference the cached path
-is tested against.
+independently. It holds the whole model on one device: `load_model` builds it there directly
+(meta device, then tensor by tensor from the safetensors in the target dtype), so a model that
+fits one GPU in bf16 never exists in fp32 on the host. `VLLMSampler` puts vLLM behind the same
+interface for models that need tensor parallelism or serving-grade throughput (it loads the
+Hugging Face export; vLLM has no CPU build and is imported lazily). `generate_uncached`
+recomputes the whole sequence every step: the reference the cached path is tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from model.config import ModelConfig
 from model.llama import KVCache, Transformer
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 where there is a GPU, else CPU in fp32 (unless given)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def load_model(cfg: ModelConfig, weights: str | Path, device=None, dtype=None) -> Transformer:
+    """Our model for inference, built directly on `device` in `dtype` (default_device_dtype):
+    constructed on the meta device (no memory, no init), then each tensor read from `weights`
+    (a safetensors file, index or directory) straight into its place."""
+    from model.weights import load_into
+
+    device, dtype = default_device_dtype(device, dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return load_into(model, weights, device=device, dtype=dtype).eval()
 
 
 @dataclass(frozen=True)
@@ -49,10 +71,10 @@ def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) ->
 
 
 class TorchSampler:
-    def __init__(self, model: Transformer, eos_id: int, pad_id: int, device: str | torch.device = "cpu"):
+    def __init__(self, model: Transformer, eos_id: int, pad_id: int, device: str | torch.device | None = None):
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[Sample]:
@@ -137,12 +159,32 @@ def generate_uncached(model: Transformer, prompts: list[list[int]], p: SamplingP
 
 
 class VLLMSampler:
-    """vLLM behind the same interface (GPU clusters). Loads an HF export directory (model/hf.py)."""
+    """vLLM behind the same interface, for models too big for one GPU's TorchSampler.
 
-    def __init__(self, hf_dir: str, eos_id: int, **engine_kw):
-        from vllm import LLM  # lazy: GPU-only package (requirements-gpu.txt)
+    It loads an HF export directory (model/hf.py: sharded safetensors, config, tokenizer with
+    the chat template) and shards the model over `tensor_parallel_size` GPUs of one node.
+    Limits, stated rather than hidden:
+      - vLLM is not a CPU requirement: it ships CUDA wheels only and pins its own torch, which
+        conflicts with requirements.txt's. It must come with the GPU image (infra/docker/) and
+        is imported here lazily; without it the constructor raises ImportError.
+      - untested in CI (no GPU there); the tested reference is TorchSampler, whose greedy output
+        it should match up to bf16 kernel differences. Sampled tokens differ from TorchSampler's
+        for the same seed (different RNG streams).
+      - logprobs are vLLM's raw-logit log-probabilities (before temperature / top-p), as ours.
+      - prompts are token ids (the chat format is encoded by model/chat.py), so vLLM's own chat
+        template handling is not involved.
+    """
 
-        self.llm = LLM(model=hf_dir, tokenizer=hf_dir, **engine_kw)
+    def __init__(self, hf_dir: str | Path, eos_id: int, tensor_parallel_size: int = 1, dtype: str = "bfloat16",
+                 **engine_kw):
+        try:
+            from vllm import LLM  # lazy: GPU-only package, not in requirements.txt
+        except ImportError as e:
+            raise ImportError("VLLMSampler needs vLLM, which is installed only in the GPU image "
+                              "(its torch pin conflicts with requirements.txt); use TorchSampler") from e
+
+        self.llm = LLM(model=str(hf_dir), tokenizer=str(hf_dir), tensor_parallel_size=tensor_parallel_size,
+                       dtype=dtype, **engine_kw)
         self.eos_id = eos_id
 
     def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[Sample]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.weights import DEFAULT_SHARD_BYTES, INDEX, ShardedWriter, WeightsReader, load_into
 
 _LAYER_MAP = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -22,7 +23,6 @@ _LAYER_MAP = {
 }
 _TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}
-SHARD_BYTES = 5 * 2**30
 
 
 def to_hf_name(name: str) -> str:
@@ -57,21 +57,52 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | 
     }
 
 
-def export_hf(model_or_state: torch.nn.Module | dict | str | Path, cfg: ModelConfig, out_dir: str | Path,
-              tokenizer_model: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json, model safetensors (sharded above 5 GiB), generation and tokenizer files."""
+def export_dtype(cfg: ModelConfig) -> torch.dtype:
+    """fp32 for small models (exact round trips in tests and the tiny preset), bf16 above 1B
+    parameters (the big presets: half the bytes, what serving stacks load)."""
+    from model.llama import Transformer
+
+    with torch.device("meta"):
+        return torch.bfloat16 if Transformer(cfg).num_params() > 1e9 else torch.float32
+
+
+@contextmanager
+def _named_tensors(source):
+    """(name, tensor) pairs of a weights path (read lazily), a module or a state dict."""
+    if isinstance(source, (str, Path)):
+        with WeightsReader(source) as reader:
+            yield reader.items()
+    elif isinstance(source, torch.nn.Module):
+        yield iter(source.state_dict().items())
+    else:
+        yield iter(source.items())
+
+
+def export_hf(weights: torch.nn.Module | dict | str | Path, cfg: ModelConfig, out_dir: str | Path,
+              tokenizer_model: str | Path | None = None, dtype: torch.dtype | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a `LlamaForCausalLM` directory: config.json, generation_config.json, the weights as
+    safetensors in `dtype` (default: export_dtype(cfg)), sharded above `max_shard_bytes` as
+    `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, and the tokenizer files
+    with the chat template.
+
+    From a weights path (a file, an index or a directory model/weights.py reads) the export
+    streams: one tensor is read, renamed, cast and handed to a ShardedWriter at a time, so host
+    memory holds at most one tensor plus the shard being filled, never the model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(model_or_state, (str, Path)):
-        state = load_file(str(model_or_state))
-    elif isinstance(model_or_state, torch.nn.Module):
-        state = model_or_state.state_dict()
-    else:
-        state = model_or_state
-    hf_state = {to_hf_name(k): v.detach().to(dtype).contiguous() for k, v in state.items()}
-    _save_sharded(hf_state, out)
+    for old in [*out.glob("model*.safetensors"), out / INDEX]:  # a re-export may shard differently
+        old.unlink(missing_ok=True)
+    dtype = dtype or export_dtype(cfg)
+    writer = ShardedWriter(out, max_shard_bytes, dtype=dtype)
+    with _named_tensors(weights) as tensors:
+        for name, t in tensors:
+            writer.add(to_hf_name(name), t)
+            del t
+    writer.close()
     ids = {"bos_id": 1, "eos_id": 2, "pad_id": None}
     if tokenizer_model is not None:
+        from model.chat import CHAT_TEMPLATE
         from model.tokenizer import Tokenizer
 
         tok = Tokenizer(tokenizer_model)
@@ -82,6 +113,7 @@ def export_hf(model_or_state: torch.nn.Module | dict | str | Path, cfg: ModelCon
             "tokenizer_class": "LlamaTokenizer", "bos_token": pieces[tok.bos_id], "eos_token": pieces[tok.eos_id],
             "unk_token": pieces[tok.unk_id], "pad_token": pieces[tok.pad_id], "add_bos_token": True,
             "add_eos_token": False, "legacy": False, "model_max_length": cfg.max_seq_len,
+            "chat_template": CHAT_TEMPLATE,
         }, indent=2))
     config = hf_config(cfg, ids["bos_id"], ids["eos_id"], ids["pad_id"])
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -91,42 +123,10 @@ def export_hf(model_or_state: torch.nn.Module | dict | str | Path, cfg: ModelCon
     return out
 
 
-def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-         "weight_map": weight_map}, indent=2))
-
-
-def load_hf_state(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors files (pickled checkpoints are not loaded)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
-def import_hf(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
-    """An HF Llama checkpoint directory -> (our Transformer with its weights, its ModelConfig)."""
+def import_hf(path: str | Path, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = torch.float32) -> tuple[torch.nn.Module, ModelConfig]:
+    """An HF Llama checkpoint directory -> (our Transformer with its weights on `device` in
+    `dtype`, its ModelConfig), read tensor by tensor (safetensors only: nothing is unpickled)."""
     from model.llama import Transformer
 
     path = Path(path)
@@ -137,12 +137,15 @@ def import_hf(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
                       n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
                       ffn_hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
                       rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 4096))
-    hf_state = load_hf_state(path)
-    if c.get("tie_word_embeddings") and "lm_head.weight" not in hf_state:
-        hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
-    state = {from_hf_name(k): v.float() for k, v in hf_state.items() if "rotary_emb" not in k}
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match a Llama model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    with torch.device("meta"):  # nothing allocated until each tensor is read from the file
+        model = Transformer(cfg)
+    tied = c.get("tie_word_embeddings", False)
+
+    def hf_name(name: str) -> str:
+        return "model.embed_tokens.weight" if tied and name == "output.weight" else to_hf_name(name)
+
+    try:
+        load_into(model, path, device=device, dtype=dtype, rename=hf_name)
+    except ValueError as e:
+        raise ValueError(f"{path}: weights do not match a Llama model ({e})") from None
     return model, cfg

@@ -138,3 +138,38 @@ class ShardedWriter:
         index = self.out / INDEX
         index.write_text(json.dumps({"metadata": {"total_size": self._total}, "weight_map": weight_map}, indent=2))
         return index
+
+
+def load_into(module: torch.nn.Module, path: str | Path, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None, rename=None) -> torch.nn.Module:
+    """Fill `module` tensor by tensor from saved weights, each parameter and buffer allocated
+    directly on `device` in `dtype` (floating-point tensors only; default: as saved).
+
+    Build the module on the meta device (`with torch.device("meta"):`) so nothing is allocated
+    before this: host memory never holds more than one tensor, and a bf16 model on a GPU never
+    exists in fp32 anywhere. `rename` maps a module name to its name in the file (HF import).
+    Every parameter must be in the file."""
+    rename = rename or (lambda n: n)
+    with WeightsReader(path) as reader:
+        wanted = [(n, t, True) for n, t in module.named_parameters()] + \
+                 [(n, t, False) for n, t in module.named_buffers()]
+        missing = [n for n, _, is_param in wanted if is_param and rename(n) not in reader]
+        if missing:
+            raise ValueError(f"{reader.location}: no weights for {missing[:5]} ({len(missing)} missing)")
+        for name, old, is_param in wanted:
+            if rename(name) not in reader:
+                continue  # a buffer the file does not carry keeps its value
+            src = reader[rename(name)]
+            if tuple(src.shape) != tuple(old.shape):
+                raise ValueError(f"{reader.location}: {rename(name)} has shape {tuple(src.shape)}, "
+                                 f"the model expects {tuple(old.shape)}")
+            target = device if device is not None else ("cpu" if old.is_meta else old.device)
+            t = src.to(device=target, dtype=dtype if dtype is not None and src.is_floating_point() else src.dtype)
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if is_param:
+                owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
+            else:
+                owner._buffers[leaf] = t
+            del src
+    return module

@@ -46,6 +46,29 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
         torch.testing.assert_close(hf(x).logits, ours.eval()(x), atol=1e-5, rtol=1e-5)
 
 
+def test_sharded_export_from_a_weights_file_loads_in_transformers(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=150, multiple_of=32, max_seq_len=64)
+    ours = Transformer(cfg).eval()
+    save_file(dict(ours.state_dict()), str(tmp_path / "model.safetensors"))
+    out = export_hf(tmp_path / "model.safetensors", cfg, tmp_path / "hf", dtype=torch.float32,
+                    max_shard_bytes=40_000)  # several shards, streamed from the file
+    assert len(list(out.glob("model-*-of-*.safetensors"))) >= 4 and (out / "model.safetensors.index.json").exists()
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 150, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-5, rtol=1e-5)
+    half = export_hf(tmp_path / "model.safetensors", cfg, tmp_path / "hf16", dtype=torch.bfloat16,
+                     max_shard_bytes=40_000)
+    hf16 = LlamaForCausalLM.from_pretrained(half, dtype=torch.bfloat16).eval()
+    assert hf16.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = ours.to(torch.bfloat16)(x)
+        torch.testing.assert_close(hf16(x).logits.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_exported_tokenizer_loads_with_transformers(tmp_path):
     from transformers import AutoTokenizer
 

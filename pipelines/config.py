@@ -27,13 +27,14 @@ from model.config import ModelConfig, Section
 from steps.data.config import DataConfig
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.gatt import GAttConfig
+from steps.preferences import PreferenceConfig
 from steps.pretrain import PretrainConfig
 from steps.sft import SFTConfig
 from steps.tokenizer import TokenizerConfig
 
 # Re-exported: every section class, wherever it lives, can be named from here.
-__all__ = ["Config", "ConfigError", "DataConfig", "GAttConfig", "ModelConfig", "OptimConfig", "PretrainConfig",
-           "SFTConfig", "StepResources", "TokenizerConfig", "TrainConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "DataConfig", "GAttConfig", "ModelConfig", "OptimConfig", "PreferenceConfig",
+           "PretrainConfig", "SFTConfig", "StepResources", "TokenizerConfig", "TrainConfig", "load_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "tiny.yaml"
@@ -52,17 +53,6 @@ class RunConfig(Section):
     experiment: str = "llama2-recipe"
     ray_address: str | None = None  # None: join a reachable cluster, else start a local one
     resources: dict[str, StepResources] = Field(default_factory=dict)  # step name -> resources
-
-
-# ----------------------------------------------------------------------------- alignment (placeholders)
-# Sections of the alignment stages whose steps do not exist yet; each moves beside its step
-# when the step lands.
-
-# preferences (RECIPE 6)
-class PreferenceConfig(Section):
-    batches: list[str] = Field(default_factory=list)  # preference batch dirs or URIs to ingest
-    store: str = "preferences"  # relative to output_dir
-    on_error: Literal["quarantine", "fail"] = "quarantine"
 
 
 # ----------------------------------------------------------------------------- reward models (RECIPE 7)

@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
 VERSION = "1"
+# The config that determines a snapshot. Not `batches`: iteration i's batch enters the
+# fingerprint by its content (fingerprint_inputs), so listing week 7 leaves weeks 1-6 cached.
+CONFIG_KEYS = ("preference.format", "preference.on_error", "preference.max_invalid_fraction",
+               "preference.max_text_chars", "preference.eval_fraction")
 
 
 class PreferenceConfig(Section):
@@ -102,8 +106,8 @@ def run(ctx: Any, iteration: int, batch: Artifact | None = None, previous: Artif
     (ctx.out_dir / "batches.json").write_text(json.dumps({"iteration": iteration, "batches": earlier}, indent=2))
     (ctx.out_dir / "report.txt").write_text(result.report + "\n", encoding="utf-8")
 
-    for b in earlier:  # the data this snapshot holds, as MLflow dataset inputs with their digests
-        ctx.log_input_artifact(f"prefs:{b['version']}", b["digest"], prefs.batch_dir(b["version"]))
+    for b in earlier:  # the data this snapshot holds, as MLflow dataset inputs (digests: MLflow keeps 36 chars)
+        ctx.log_input_artifact(f"prefs:{b['version']}", b["digest"][:32], prefs.batch_dir(b["version"]))
     return snapshot_metrics(pairs, earlier, record)
 
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REJECTED
-    except StoreBusy as e:
+    except (StoreBusy, OSError) as e:  # a busy store, an unreachable bucket, a full disk: try again later
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(result.report)

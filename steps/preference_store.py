@@ -85,7 +85,7 @@ class CheckedBatch:
 
 
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri and not uri.startswith("file://"):
+    if "://" in uri:  # s3://, gs://, hdfs://, abfs://, file://: whatever pyarrow.fs resolves
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(os.path.expanduser(uri.removeprefix("file://"))).resolve())
 

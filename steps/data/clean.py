@@ -1,19 +1,27 @@
-"""Per-source cleaning (RECIPE.md section 1): quality heuristics, boilerplate, language, PII.
+"""Per-source cleaning (RECIPE.md section 1): quality rules, boilerplate, language, PII.
 
 Which rules apply depends on the source kind, as in the LLaMA papers:
-    web (jsonl/parquet)   C4 line filter, then Gopher document rules, language ID
-    mediawiki / text      Gopher document rules, language ID (markup is stripped by the reader)
-    gutenberg (books)     Gopher rules without the line-level C4 filter (verse is not web spam)
+    web (jsonl/parquet)   C4 page and line rules, then Gopher quality + repetition rules, language ID
+    mediawiki / text      Gopher rules, language ID (markup is stripped by the reader)
+    gutenberg (books)     Gopher rules without C4's line filter (verse is not web spam)
     stackexchange         Gopher rules, language ID
     code                  GitHub heuristics: line lengths and alphanumeric share
-Thresholds live in QualityConfig. `clean_batch` is the Ray Data `map_batches` function: it
-returns every document with its cleaned text, a drop `reason` ("" when kept) and PII counts,
-so the step can both filter and report why each document went.
+Thresholds live in QualityConfig. Every rule returns (reason, measured value), so a dropped
+document is written with the number that decided it (the audit in `dropped/`).
+
+C4 (Raffel et al. 2020, section 2.2): a page containing "lorem ipsum" or a curly bracket goes;
+lines without terminal punctuation (an ellipsis is not one), with fewer than 3 words, with a
+word over 1000 characters, mentioning javascript, or cookie/terms-of-use/privacy-policy notices
+go; citation markers ([1], [citation needed], [edit]) are removed; a page with fewer than 5
+sentences goes. Gopher (Rae et al. 2021, appendix A1.1): the quality and repetition rules of
+QualityConfig, measured as in the paper (characters covered by duplicated lines, paragraphs and
+n-grams; the most frequent 2-4-gram's character share).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from steps.data.config import QualityConfig
 from steps.data.langid import detect
@@ -21,72 +29,137 @@ from steps.data.pii import KINDS, scrub_pii
 
 # Gopher's stop-word rule: a real English page contains at least two of these.
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
-# C4's "bad line" markers: cookie banners, terms links, javascript warnings.
-C4_BAD_LINE = re.compile(r"javascript|lorem ipsum|cookie|terms of use|privacy policy|use cookies", re.I)
-TERMINAL_PUNCT = (".", "!", "?", '"', "'", "”", "’")
-WORD = re.compile(r"\S+")
+C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+C4_CITATION = re.compile(r"\[\d+\]|\[citation needed\]|\[edit\]", re.I)
+TERMINAL_PUNCT = (".", "!", "?", '"', "”")
+ELLIPSIS = ("...", "…")
+SENTENCE_END = re.compile(r"[.!?][\"”’')\]]*(?=\s|$)")
 ALPHA = re.compile(r"[^\W\d_]", re.UNICODE)
-SYMBOLS = ("#", "...", "…")
 BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "*", "-", "–", "‣")
+PARAGRAPH = re.compile(r"\n\s*\n")
 
 
-def c4_lines(text: str, qcfg: QualityConfig) -> tuple[str, str]:
-    """C4 line filter; returns (kept text, reason if the whole page goes)."""
-    if "{" in text and "}" in text and re.search(r"\{[^{}]*\}", text):
-        return text, "c4_curly_brace"  # code or templates on a web page
-    kept = []
+def c4_lines(text: str, qcfg: QualityConfig) -> tuple[str, str, float]:
+    """C4 page and line rules; returns (kept text, reason if the page goes, measured value)."""
+    low = text.lower()
+    if "lorem ipsum" in low:
+        return text, "c4_lorem_ipsum", 1.0
+    if "{" in text:
+        return text, "c4_curly_bracket", 1.0
+    kept, sentences = [], 0
     for line in text.split("\n"):
-        s = line.strip()
-        if not s or C4_BAD_LINE.search(s):
+        words = line.split()
+        if any(len(w) > qcfg.c4_max_word_len for w in words):
             continue
-        if qcfg.c4_require_terminal_punct and not s.endswith(TERMINAL_PUNCT):
+        s = C4_CITATION.sub("", line).strip()
+        if qcfg.c4_require_terminal_punct and (not s.endswith(TERMINAL_PUNCT) or s.endswith(ELLIPSIS)):
             continue
         if len(s.split()) < qcfg.c4_min_words_per_line:
             continue
+        s_low = s.lower()
+        if "javascript" in s_low or any(p in s_low for p in C4_POLICY):
+            continue
+        sentences += max(1, len(SENTENCE_END.findall(s)))
         kept.append(s)
     out = "\n".join(kept)
-    sentences = len(re.findall(r"[.!?](?:\s|$)", out))
     if sentences < qcfg.c4_min_sentences:
-        return out, "c4_too_few_sentences"
-    return out, ""
+        return out, "c4_too_few_sentences", float(sentences)
+    return out, "", 0.0
 
 
-def gopher_reason(text: str, qcfg: QualityConfig) -> str:
-    """The first Gopher quality rule the document breaks, or ""."""
-    words = WORD.findall(text)
+def gopher_quality(text: str, qcfg: QualityConfig) -> tuple[str, float]:
+    """The first Gopher quality rule the document breaks and its value, or ("", 0)."""
+    words = text.split()
     n = len(words)
     if n < qcfg.min_words:
-        return "gopher_too_few_words"
+        return "gopher_too_few_words", float(n)
     if n > qcfg.max_words:
-        return "gopher_too_many_words"
+        return "gopher_too_many_words", float(n)
     mean_len = sum(map(len, words)) / n
     if not qcfg.min_mean_word_len <= mean_len <= qcfg.max_mean_word_len:
-        return "gopher_mean_word_length"
-    symbols = sum(text.count(s) for s in SYMBOLS)
-    if symbols / n > qcfg.max_symbol_word_ratio:
-        return "gopher_symbol_ratio"
+        return "gopher_mean_word_length", mean_len
+    symbols = max(text.count("#"), text.count("...") + text.count("…")) / n
+    if symbols > qcfg.max_symbol_word_ratio:
+        return "gopher_symbol_ratio", symbols
     lines = [ln for ln in text.split("\n") if ln.strip()]
-    if lines:
-        if sum(ln.lstrip().startswith(BULLETS) for ln in lines) / len(lines) > qcfg.max_bullet_lines_ratio:
-            return "gopher_bullet_lines"
-        if sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines) > qcfg.max_ellipsis_lines_ratio:
-            return "gopher_ellipsis_lines"
-        if len(lines) >= 4 and 1 - len(set(lines)) / len(lines) > qcfg.max_dup_line_ratio:
-            return "gopher_duplicate_lines"
-    if sum(1 for w in words if ALPHA.search(w)) / n < qcfg.min_alpha_words_ratio:
-        return "gopher_alpha_words"
-    if len(STOP_WORDS.intersection(w.lower() for w in words)) < qcfg.min_stop_words:
-        return "gopher_stop_words"
-    return ""
+    bullets = sum(ln.lstrip().startswith(BULLETS) for ln in lines) / len(lines)
+    if bullets > qcfg.max_bullet_lines_ratio:
+        return "gopher_bullet_lines", bullets
+    ellipsis = sum(ln.rstrip().endswith(ELLIPSIS) for ln in lines) / len(lines)
+    if ellipsis > qcfg.max_ellipsis_lines_ratio:
+        return "gopher_ellipsis_lines", ellipsis
+    alpha = sum(1 for w in words if ALPHA.search(w)) / n
+    if alpha < qcfg.min_alpha_words_ratio:
+        return "gopher_alpha_words", alpha
+    stops = len(STOP_WORDS.intersection(w.lower() for w in words))
+    if stops < qcfg.min_stop_words:
+        return "gopher_stop_words", float(stops)
+    return "", 0.0
 
 
-def language_reason(text: str, qcfg: QualityConfig) -> str:
+def _dup_fractions(items: list[str]) -> tuple[float, float]:
+    """(share of items that repeat an earlier one, share of characters in those repeats)."""
+    seen, dup, dup_chars = set(), 0, 0
+    for x in items:
+        if x in seen:
+            dup += 1
+            dup_chars += len(x)
+        seen.add(x)
+    total_chars = sum(map(len, items)) or 1
+    return dup / max(1, len(items)), dup_chars / total_chars
+
+
+def _top_ngram_chars(words: list[str], n: int, total: int) -> float:
+    """Characters of the most frequent n-gram times its count, over all word characters."""
+    grams = Counter(zip(*(words[i:] for i in range(n))))
+    if not grams:
+        return 0.0
+    gram, count = grams.most_common(1)[0]
+    return sum(map(len, gram)) * count / total if count > 1 else 0.0
+
+
+def _dup_ngram_chars(words: list[str], n: int, total: int) -> float:
+    """Characters of words covered by n-grams that occur more than once, over all word characters."""
+    counts = Counter(zip(*(words[i:] for i in range(n))))
+    covered = [False] * len(words)
+    for i in range(len(words) - n + 1):
+        if counts[tuple(words[i:i + n])] > 1:
+            covered[i:i + n] = [True] * n
+    return sum(len(w) for w, c in zip(words, covered) if c) / total
+
+
+def gopher_repetition(text: str, qcfg: QualityConfig) -> tuple[str, float]:
+    """Gopher's repetition rules (table A1) with the measured fraction."""
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    paras = [p.strip() for p in PARAGRAPH.split(text) if p.strip()]
+    line_dup, line_chars = _dup_fractions(lines)
+    para_dup, para_chars = _dup_fractions(paras)
+    for reason, value, limit in (("gopher_dup_para_fraction", para_dup, qcfg.max_dup_para_ratio),
+                                 ("gopher_dup_para_char_fraction", para_chars, qcfg.max_dup_para_char_ratio),
+                                 ("gopher_dup_line_fraction", line_dup, qcfg.max_dup_line_ratio),
+                                 ("gopher_dup_line_char_fraction", line_chars, qcfg.max_dup_line_char_ratio)):
+        if value > limit:
+            return reason, value
+    words = text.split()
+    total = sum(map(len, words)) or 1
+    for n, limit in sorted(qcfg.max_top_ngram_char_ratio.items()):
+        value = _top_ngram_chars(words, n, total)
+        if value > limit:
+            return f"gopher_top_{n}gram", value
+    for n, limit in sorted(qcfg.max_dup_ngram_char_ratio.items()):
+        value = _dup_ngram_chars(words, n, total)
+        if value > limit:
+            return f"gopher_dup_{n}gram", value
+    return "", 0.0
+
+
+def language_reason(text: str, qcfg: QualityConfig) -> tuple[str, float]:
     if not qcfg.languages:
-        return ""
+        return "", 0.0
     lang, prob = detect(text)
     if lang not in qcfg.languages or prob < qcfg.min_language_score:
-        return f"language_{lang}"
-    return ""
+        return f"language_{lang}", prob
+    return "", 0.0
 
 
 def code_reason(text: str, max_line: int = 1000, max_mean_line: float = 100.0,
@@ -104,38 +177,46 @@ def code_reason(text: str, max_line: int = 1000, max_mean_line: float = 100.0,
     return ""
 
 
-def clean_text(text: str, kind: str, qcfg: QualityConfig, quality_filter: bool = True) -> tuple[str, str]:
-    """Cleaned text and drop reason ("" = keep) for one document of a source `kind`."""
+def clean_doc(text: str, kind: str, qcfg: QualityConfig, quality_filter: bool = True) -> tuple[str, str, float]:
+    """(cleaned text, drop reason or "", the rule's measured value) for one document."""
     if kind == "code":
-        return text, code_reason(text) if quality_filter else ""
+        return text, (code_reason(text) if quality_filter else ""), 0.0
     if kind in ("jsonl", "parquet"):
-        text, reason = c4_lines(text, qcfg)
+        text, reason, value = c4_lines(text, qcfg)
         if reason:
-            return text, reason
+            return text, reason, value
     if not quality_filter:
-        return text, ""
-    reason = gopher_reason(text, qcfg) or language_reason(text, qcfg)
-    return text, reason
+        return text, "", 0.0
+    for rule in (gopher_quality, gopher_repetition, language_reason):
+        reason, value = rule(text, qcfg)
+        if reason:
+            return text, reason, value
+    return text, "", 0.0
+
+
+def clean_text(text: str, kind: str, qcfg: QualityConfig, quality_filter: bool = True) -> tuple[str, str]:
+    """(cleaned text, drop reason or "")."""
+    return clean_doc(text, kind, qcfg, quality_filter)[:2]
 
 
 def clean_batch(batch: dict, kinds: dict[str, str], quality: dict[str, bool], qcfg: QualityConfig,
                 pii: bool) -> dict[str, list]:
-    """Ray Data map_batches: adds `reason` ("" = kept) and `pii_<kind>` counts per document.
+    """Columns in, columns out: adds `reason` ("" = kept), `value` and `pii_<kind>` counts.
 
     `kinds` / `quality` map a source name to its reader kind / whether quality rules apply.
     """
-    texts, reasons = [], []
+    texts, reasons, values = [], [], []
     counts: dict[str, list[int]] = {k: [] for k in KINDS}
     for text, source in zip(batch["text"], batch["source"]):
-        text, reason = clean_text(str(text), kinds[source], qcfg, quality[source])
+        text, reason, value = clean_doc(str(text), kinds[source], qcfg, quality[source])
         found = dict.fromkeys(KINDS, 0)
         if pii and not reason:
             text, found = scrub_pii(text)
         texts.append(text)
         reasons.append(reason)
+        values.append(value)
         for k in KINDS:
             counts[k].append(found[k])
     out = {k: list(v) for k, v in batch.items() if k != "text"}  # pass other columns through
-    out.update(text=texts, reason=reasons, **{f"pii_{k}": v for k, v in counts.items()})
+    out.update(text=texts, reason=reasons, value=values, **{f"pii_{k}": v for k, v in counts.items()})
     return out
-

@@ -1,15 +1,19 @@
-"""Deduplication: exact (normalised-text hash), CCNet line-level, and fuzzy (MinHash + LSH).
+"""Deduplication core: exact (normalised-text hash), CCNet line-level, MinHash + LSH candidates
+decided by EXACT Jaccard, connected components. Plain numpy, in-process; dedup_ray.py runs the
+same functions on Ray Data (shuffles, joins, distributed components).
 
-The numeric core is plain numpy and runs in-process (unit tests, the benchmark); the Ray Data
-path (`dedup_dataset`) distributes the same functions: signatures and band keys in
-`map_batches`, candidate grouping with a Ray Data `groupby` on (band, key), and a union-find
-over the (small) set of candidate pairs on the driver. Within each duplicate cluster the
-document that comes first in the pipeline's order (source order in the config, then id) is
-kept, and every removed document records which document it duplicated.
+What the threshold measures: the Jaccard similarity |A & B| / |A | B| of the sets of word
+`ngram`-grams of the two documents' normalised text (NFKC, lower case, punctuation replaced by
+spaces, split on whitespace); each n-gram is hashed to 32 bits (a collision changes a
+document-sized set by at most a few elements in 10^5). MinHash (num_perm permutations, LSH
+with `bands` x `rows`) only proposes candidate pairs; a pair is a duplicate when its exact
+Jaccard over those shingle sets is >= threshold. Documents with fewer than `ngram` words have
+no shingle and are never near-duplicates (only exact ones), so emptied or one-line pages cannot
+be merged as "similar".
 
-MinHash: words are hashed once (crc32), word n-gram shingles are combined from word hashes
-with vectorised arithmetic (no per-shingle string hashing), and the permutations are
-`(a * h + b) mod (2^61 - 1)` over 32-bit shingle hashes, so products fit in uint64.
+Within each cluster (connected component of exact/near-duplicate links, so chains A~B~C with
+A !~ C are one cluster) the document first in pipeline order (config source order, then id) is
+kept; every removed document names that survivor.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from steps.data.config import DedupConfig
 
 MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
+INT63 = np.uint64((1 << 63) - 1)
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _SPACE = re.compile(r"\s+")
 
@@ -39,7 +44,11 @@ def normalize(text: str) -> str:
 
 
 def exact_key(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(normalize(text).encode(), digest_size=8).digest(), "little")
+    """63-bit hash of the normalised text; -1 for a document with no words (never merged)."""
+    norm = normalize(text)
+    if not norm:
+        return -1
+    return int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little") & int(INT63)
 
 
 @dataclass(frozen=True)
@@ -55,62 +64,72 @@ class Permutations:
         return cls(a, b)
 
 
-def shingle_hashes(text: str, ngram: int) -> np.ndarray:
-    """32-bit hashes of the word n-grams of the normalised text (unique). [S] uint64"""
-    words = normalize(text).split()
-    if not words:
-        return np.zeros(1, dtype=np.uint64)
-    w = np.fromiter((zlib.crc32(x.encode()) for x in words), dtype=np.uint64, count=len(words))
-    n = min(ngram, len(w))
-    h = np.zeros(len(w) - n + 1, dtype=np.uint64)
-    for k in range(n):  # polynomial combination of the n word hashes, wrapping in uint64
-        h = h * np.uint64(0x100000001B3) + w[k: len(w) - n + 1 + k]
+@lru_cache(maxsize=4)
+def permutations(num_perm: int) -> Permutations:
+    return Permutations.make(num_perm)
+
+
+def word_hashes(words: list[str]) -> np.ndarray:
+    return np.fromiter((zlib.crc32(x.encode()) for x in words), dtype=np.uint64, count=len(words))
+
+
+def shingles_of_words(words: list[str], ngram: int) -> np.ndarray:
+    """Sorted unique 32-bit hashes of the word n-grams; empty when there are fewer than `ngram` words."""
+    if len(words) < ngram:
+        return np.zeros(0, dtype=np.uint32)
+    w = word_hashes(words)
+    n_out = len(w) - ngram + 1
+    h = np.zeros(n_out, dtype=np.uint64)
+    for k in range(ngram):  # polynomial combination of the n word hashes, wrapping in uint64
+        h = h * np.uint64(0x100000001B3) + w[k: n_out + k]
     h ^= h >> np.uint64(29)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(32)
-    return np.unique(h & MAX_HASH)
+    return np.unique((h & MAX_HASH).astype(np.uint32))
 
 
-def signature(hashes: np.ndarray, perms: Permutations, chunk: int = 8192) -> np.ndarray:
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    return shingles_of_words(normalize(text).split(), ngram)
+
+
+def signature(shingles: np.ndarray, perms: Permutations, chunk: int = 8192) -> np.ndarray:
     """MinHash signature [num_perm] uint32 of one document's shingle hashes."""
     sig = np.full(len(perms.a), MAX_HASH, dtype=np.uint64)
+    hashes = shingles.astype(np.uint64)
     for start in range(0, len(hashes), chunk):  # bounded memory for book-sized documents
         h = hashes[start: start + chunk, None]
         np.minimum(sig, (((h * perms.a) + perms.b) % MERSENNE & MAX_HASH).min(axis=0), out=sig)
     return sig.astype(np.uint32)
 
 
-def minhash_signatures(texts: Iterable[str], cfg: DedupConfig) -> np.ndarray:
-    """[N, num_perm] uint32 signatures."""
-    perms = Permutations.make(cfg.num_perm)
-    return np.stack([signature(shingle_hashes(t, cfg.ngram), perms) for t in texts]) if texts else \
-        np.zeros((0, cfg.num_perm), np.uint32)
+def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
+    """[bands] int64: one 63-bit hash per band of rows (LSH), the band index mixed in."""
+    rows = len(sig) // bands
+    view = sig.reshape(bands, rows).astype(np.uint64)
+    mult = np.uint64(0x9E3779B97F4A7C15) ** np.arange(1, rows + 1, dtype=np.uint64)
+    keys = (view * mult).sum(axis=1, dtype=np.uint64) + np.arange(bands, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019)
+    keys ^= keys >> np.uint64(31)
+    return (keys & INT63).astype(np.int64)
 
 
-def band_keys(sigs: np.ndarray, bands: int) -> np.ndarray:
-    """[N, bands] uint64: one hash per band of rows (LSH)."""
-    n, p = sigs.shape
-    rows = p // bands
-    view = np.ascontiguousarray(sigs).reshape(n, bands, rows).astype(np.uint64)
-    mult = np.uint64(0x9E3779B97F4A7C15) ** np.arange(rows, dtype=np.uint64)
-    keys = (view * mult).sum(axis=2, dtype=np.uint64)
-    return keys ^ (np.arange(bands, dtype=np.uint64) << np.uint64(56))
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard of two sorted unique shingle arrays (0 when either is empty)."""
+    if not len(a) or not len(b):
+        return 0.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
 
 
-def candidate_pairs_from_keys(keys: np.ndarray) -> set[tuple[int, int]]:
-    """Index pairs sharing at least one band key; each pair linked to its group's first member."""
-    pairs: set[tuple[int, int]] = set()
-    n, bands = keys.shape
-    for b in range(bands):
-        col = keys[:, b]
-        order = np.argsort(col, kind="stable")
-        sorted_keys = col[order]
-        boundaries = np.flatnonzero(np.diff(sorted_keys)) + 1
-        for group in np.split(order, boundaries):
-            if len(group) > 1:
-                first = int(group.min())
-                pairs.update((first, int(j)) for j in group if j != first)
-    return pairs
+def bucket_pairs(members: Sequence, max_all_pairs: int) -> list[tuple]:
+    """Candidate pairs of one LSH bucket (members sorted). Small buckets: every pair, so a chain
+    whose ends are not similar still links through the middle. Large buckets (boilerplate shared
+    by thousands): each member with its neighbour in order and with the first, linear in size."""
+    n = len(members)
+    if n <= max_all_pairs:
+        return [(members[i], members[j]) for i in range(n) for j in range(i + 1, n)]
+    pairs = {(members[0], m) for m in members[1:]}
+    pairs.update((members[i], members[i + 1]) for i in range(n - 1))
+    return sorted(pairs)
 
 
 class UnionFind:
@@ -131,123 +150,72 @@ class UnionFind:
             self.parent[hi] = lo
 
 
-def similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Estimated Jaccard similarity: the share of equal MinHash values."""
-    return float(np.mean(a == b))
+def components(edges: Iterable[tuple]) -> dict:
+    """node -> smallest node of its connected component (reference for the distributed version)."""
+    uf = UnionFind()
+    for a, b in edges:
+        uf.union(a, b)
+    return {x: uf.find(x) for x in list(uf.parent)}
 
 
-def resolve(pairs: Iterable[tuple], sigs: dict, threshold: float, kind: str = "near") -> list[dict]:
-    """Union-find over verified pairs of order keys; returns removed records."""
-    uf, sims = UnionFind(), {}
-    for a, b in pairs:
-        s = 1.0 if kind == "exact" else similarity(sigs[a], sigs[b])
-        if s >= threshold:
-            uf.union(a, b)
-            sims[max(a, b)] = max(s, sims.get(max(a, b), 0.0))
-    removed = []
-    for x in list(uf.parent):
-        root = uf.find(x)
-        if root != x:
-            removed.append({"removed": x, "kept": root, "kind": kind, "similarity": sims.get(x, 1.0)})
-    return sorted(removed, key=lambda r: r["removed"])
-
-
-def find_duplicates(texts: Sequence[str], cfg: DedupConfig) -> list[dict]:
+def find_duplicates(texts: Sequence[str], cfg: DedupConfig, stats: dict | None = None) -> list[dict]:
     """In-process dedup of documents in pipeline order (index = order): exact, then near.
 
-    Returns records {removed, kept, kind, similarity} with indices into `texts`.
+    Returns records {removed, kept, kind, similarity} with indices into `texts`; `similarity`
+    is the removed document's highest exact Jaccard to a document of its cluster (1.0 exact).
+    `stats`, when given, receives candidate_pairs and verified_pairs.
     """
     removed: list[dict] = []
     alive = list(range(len(texts)))
     if cfg.exact:
-        keys = np.array([exact_key(t) for t in texts], dtype=np.uint64).reshape(-1, 1)
-        removed += resolve(candidate_pairs_from_keys(keys), {}, 1.0, "exact")
+        keys = [exact_key(t) for t in texts]
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k >= 0:
+                groups.setdefault(k, []).append(i)
+        for g in groups.values():
+            removed += [{"removed": i, "kept": g[0], "kind": "exact", "similarity": 1.0} for i in g[1:]]
         gone = {r["removed"] for r in removed}
         alive = [i for i in alive if i not in gone]
     if cfg.minhash and alive:
-        sigs = minhash_signatures([texts[i] for i in alive], cfg)
-        pairs = candidate_pairs_from_keys(band_keys(sigs, cfg.bands))
-        local = resolve(pairs, dict(enumerate(sigs)), cfg.threshold, "near")
-        removed += [{**r, "removed": alive[r["removed"]], "kept": alive[r["kept"]]} for r in local]
-    return removed
+        perms = permutations(cfg.num_perm)
+        shingles = {i: shingle_hashes(texts[i], cfg.ngram) for i in alive}
+        buckets: dict[int, list[int]] = {}
+        for i in alive:
+            if len(shingles[i]):
+                for k in band_keys(signature(shingles[i], perms), cfg.bands):
+                    buckets.setdefault(int(k), []).append(i)
+        candidates = {p for m in buckets.values() if len(m) > 1 for p in bucket_pairs(m, cfg.max_bucket_all_pairs)}
+        edges, best = [], {}
+        for a, b in sorted(candidates):
+            j = jaccard(shingles[a], shingles[b])
+            if j >= cfg.threshold:
+                edges.append((a, b))
+                best[a], best[b] = max(best.get(a, 0.0), j), max(best.get(b, 0.0), j)
+        if stats is not None:
+            stats.update(candidate_pairs=len(candidates), verified_pairs=len(edges))
+        removed += [{"removed": x, "kept": root, "kind": "near", "similarity": best[x]}
+                    for x, root in components(edges).items() if x != root]
+    return sorted(removed, key=lambda r: r["removed"])
 
 
 # ----------------------------------------------------------------------------- line-level (CCNet)
+def line_hash(norm: str) -> int:
+    return zlib.crc32(norm.encode()) | (len(norm) << 32)
+
+
 def line_hashes(text: str) -> list[int]:
     """Hashes of a document's distinct normalised non-empty lines."""
-    return sorted({zlib.crc32(n.encode()) | (len(n) << 32) for line in text.split("\n") if (n := normalize(line))})
+    return sorted({line_hash(n) for line in text.split("\n") if (n := normalize(line))})
 
 
-def drop_lines(text: str, common: set[int]) -> tuple[str, int]:
+def drop_lines(text: str, common: set[int] | frozenset[int]) -> tuple[str, int]:
     """Remove lines whose hash is in `common`; returns (text, lines removed)."""
     kept, dropped = [], 0
     for line in text.split("\n"):
         n = normalize(line)
-        if n and (zlib.crc32(n.encode()) | (len(n) << 32)) in common:
+        if n and line_hash(n) in common:
             dropped += 1
         else:
             kept.append(line)
     return "\n".join(kept), dropped
-
-
-# ----------------------------------------------------------------------------- Ray Data
-def signature_batch(batch: dict, cfg: DedupConfig) -> dict:
-    """Ray Data map_batches: exact key, MinHash signature and LSH band keys per document.
-    Keys are folded to int64 so Arrow hashes and sorts them natively."""
-    perms = _permutations(cfg.num_perm)
-    texts = [str(t) for t in batch["text"]]
-    sigs = np.stack([signature(shingle_hashes(t, cfg.ngram), perms) for t in texts])
-    mask = np.uint64((1 << 63) - 1)
-    exact = np.array([exact_key(t) for t in texts], dtype=np.uint64) & mask
-    return {"order": batch["order"], "exact": exact.astype(np.int64), "sig": list(sigs),
-            "bands": list((band_keys(sigs, cfg.bands) & mask).astype(np.int64))}
-
-
-@lru_cache(maxsize=4)
-def _permutations(num_perm: int) -> Permutations:
-    return Permutations.make(num_perm)
-
-
-def _explode(row: dict, minhash: bool) -> list[dict]:
-    out = [{"band": -1, "key": int(row["exact"]), "order": row["order"]}]
-    if minhash:
-        out += [{"band": b, "key": int(k), "order": row["order"]} for b, k in enumerate(row["bands"])]
-    return out
-
-
-def _group_pairs(group: dict) -> dict:
-    """map_groups over (band, key): link every member to the group's first (in pipeline order)."""
-    orders = sorted(str(o) for o in group["order"])
-    first = orders[0]
-    rest = orders[1:]
-    return {"band": [int(group["band"][0])] * len(rest), "a": [first] * len(rest), "b": rest}
-
-
-def dedup_dataset(ds, cfg: DedupConfig):
-    """Distributed dedup of a Ray Dataset with columns id, order, text, ...
-
-    Returns (dataset without duplicates, removed records {removed_id, kept_id, kind, similarity}).
-    `order` is the pipeline order key: in each cluster the smallest is kept.
-    """
-    if not (cfg.exact or cfg.minhash):
-        return ds, []
-    sigs = ds.map_batches(signature_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy").materialize()
-    groups = (sigs.flat_map(_explode, fn_kwargs={"minhash": cfg.minhash})
-              .filter(lambda r: cfg.exact or r["band"] >= 0)
-              .groupby(["band", "key"]).map_groups(_group_pairs, batch_format="numpy"))
-    pairs = groups.take_all()
-    exact_pairs = {(p["a"], p["b"]) for p in pairs if p["band"] < 0}
-    removed = resolve(exact_pairs, {}, 1.0, "exact") if cfg.exact else []
-    gone = {r["removed"] for r in removed}
-    near_pairs = {(p["a"], p["b"]) for p in pairs if p["band"] >= 0 and p["a"] not in gone and p["b"] not in gone}
-    if near_pairs:
-        involved = {x for pair in near_pairs for x in pair}
-        table = {r["order"]: np.asarray(r["sig"]) for r in
-                 sigs.filter(lambda r: r["order"] in involved).select_columns(["order", "sig"]).take_all()}
-        removed += resolve(near_pairs, table, cfg.threshold, "near")
-    drop = {r["removed"] for r in removed}
-    ids = {r["order"]: r["id"] for r in ds.filter(lambda r: r["order"] in drop or r["order"] in
-                                                  {x["kept"] for x in removed}).select_columns(["order", "id"]).take_all()}
-    records = [{"removed_id": ids[r["removed"]], "kept_id": ids[r["kept"]], "kind": r["kind"],
-                "similarity": float(r["similarity"])} for r in removed]
-    return ds.filter(lambda r: r["order"] not in drop), records

@@ -14,5 +14,16 @@ DUPLICATE_SCHEMA = pa.schema([
     pa.field("removed_id", pa.string(), nullable=False),
     pa.field("kept_id", pa.string(), nullable=False),  # the document it duplicated
     pa.field("kind", pa.string(), nullable=False),  # "exact" or "near"
-    pa.field("similarity", pa.float64(), nullable=False),  # estimated Jaccard (1.0 for exact)
+    # near: the removed document's highest exact Jaccard (word n-gram shingles) to a member of
+    # its cluster; exact: 1.0
+    pa.field("similarity", pa.float64(), nullable=False),
+])
+
+DROPPED_SCHEMA = pa.schema([  # dropped/*.parquet: the audit of every rule's decisions
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),  # the rule, e.g. gopher_top_2gram
+    pa.field("value", pa.float64(), nullable=False),  # what the rule measured (a ratio, a count)
+    pa.field("text", pa.string(), nullable=False),  # after the rules that ran before it
+    pa.field("metadata", pa.string(), nullable=False),
 ])

@@ -1,12 +1,26 @@
-"""The LLaMA-2 chat template, shared by SFT, reward models, sampling and evaluation.
+"""The LLaMA-2 chat format, defined once: the text, the token ids we train on, and the Jinja
+`chat_template` every HF export carries (model/hf.py), which produce the same thing.
 
-    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST] ...
+    <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST] ...
 
-Control strings ([INST], [/INST], <<SYS>>, <</SYS>>) are single pieces of our tokenizer and are
-only ever emitted by this module: content is encoded separately, and a control string typed
-inside content is spelled with byte pieces, so "[INST]" in a user message stays text (no
-prompt injection through the template). Loss masks are True on assistant answer tokens and
-the </s> that ends each answer, nothing else.
+The ids: `encode_dialogue` cuts the text at its control symbols (<s>, </s>, [INST], [/INST],
+<<SYS>>, <</SYS>>: one id each) and encodes each stretch of text between them on its own,
+without SentencePiece's dummy-prefix space. That is exactly what a Hugging Face tokenizer
+built from our tokenizer.model does with the rendered text (`apply_chat_template`): its
+added tokens split the text, and its Metaspace pre-tokenizer adds no prefix to a stretch that
+does not start the string. So a model trained here sees at serving time, through transformers
+or any stack that applies the shipped template, the ids it was trained on
+(tests/test_chat_template.py checks this on many random conversations).
+
+Injection safety: on our side a control string typed inside content ("[INST]" in a user
+message) is spelled with byte pieces, never the control id, so user text cannot open or close
+a turn. A transformers tokenizer does not do this: applying the template to such text makes
+the typed "[INST]" (and "<s>", "</s>") the control token, as with Meta's own template. Content
+that contains control strings is therefore encoded differently on the two sides, by design;
+serve untrusted text through this module's encoder (or strip control strings first).
+
+Loss masks are True on an assistant answer's tokens (the text between [/INST] and </s>,
+including its leading and trailing space) and the </s> that ends it, nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +29,27 @@ import re
 from dataclasses import dataclass, field
 
 from model.tokenizer import CHAT_SYMBOLS, Tokenizer
+
+# The format as a Jinja chat template (transformers' apply_chat_template, vLLM, TGI). An optional
+# first "system" message; then user and assistant messages alternating, user first. Content is
+# used verbatim (Meta's template strips it; we do not, so text and ids round-trip exactly).
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('roles must alternate user/assistant, user first (after an optional system message)') }}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{ bos_token + '[INST] ' }}"
+    "{%- if loop.first and system -%}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{%- endif -%}"
+    "{{ m['content'] + ' [/INST]' }}"
+    "{%- else -%}"
+    "{{ ' ' + m['content'] + ' ' + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 _CONTROL = re.compile("|".join(re.escape(s) for s in sorted(CHAT_SYMBOLS, key=len, reverse=True)))
 
@@ -42,16 +77,18 @@ class Dialogue:
 _SENTINEL = "\U000F0000"  # a private-use character: never in real text, always byte-encoded
 
 
-def encode_content(tok: Tokenizer, text: str) -> list[int]:
+def encode_content(tok: Tokenizer, text: str, prefix: bool = True) -> list[int]:
     """Text -> ids, with any control string inside it spelled as bytes (never a control token).
+    prefix=False: without SentencePiece's dummy-prefix space (text that follows a control symbol).
 
     Each control string is swapped for a sentinel character before encoding (so the text
     around it tokenizes exactly as without the split), then the sentinel's byte pieces are
     replaced by the control string's own bytes."""
+    encode = tok.encode if prefix else tok.encode_unprefixed
     found = _CONTROL.findall(text)
     if not found:
-        return tok.encode(text)
-    ids = tok.encode(_CONTROL.sub(_SENTINEL, text))
+        return encode(text)
+    ids = encode(_CONTROL.sub(_SENTINEL, text))
     byte = [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
     marker = [byte[b] for b in _SENTINEL.encode()]
     out, i, k = [], 0, 0
@@ -65,30 +102,43 @@ def encode_content(tok: Tokenizer, text: str) -> list[int]:
     return out
 
 
-def encode_dialogue(tok: Tokenizer, d: Dialogue, for_generation: bool = False) -> tuple[list[int], list[bool]]:
-    """(token ids, loss mask). With for_generation the sequence ends after the last [/INST]."""
-    inst, end_inst = tok.special_id("[INST]"), tok.special_id("[/INST]")
-    ids: list[int] = []
-    mask: list[bool] = []
-
-    def add(new: list[int], train: bool) -> None:
-        ids.extend(new)
-        mask.extend([train] * len(new))
-
+def _parts(tok: Tokenizer, d: Dialogue):
+    """The rendered dialogue as (control id or text, trained) pieces, in order: render()'s text
+    cut at its control symbols."""
     for i in range(0, len(d.turns), 2):
-        user = d.turns[i]
-        prompt = [tok.bos_id, inst]
+        yield tok.bos_id, False
+        yield tok.special_id("[INST]"), False
         if i == 0 and d.system:
-            prompt += [tok.special_id("<<SYS>>")] + encode_content(tok, f"\n{d.system}\n") + \
-                      [tok.special_id("<</SYS>>")] + tok.encode("\n\n")
-        prompt += encode_content(tok, user.content) + [end_inst]
-        add(prompt, False)
+            yield " ", False
+            yield tok.special_id("<<SYS>>"), False
+            yield f"\n{d.system}\n", False
+            yield tok.special_id("<</SYS>>"), False
+            yield f"\n\n{d.turns[i].content} ", False
+        else:
+            yield f" {d.turns[i].content} ", False
+        yield tok.special_id("[/INST]"), False
         if i + 1 < len(d.turns):
             answer = d.turns[i + 1]
-            add(encode_content(tok, answer.content) + [tok.eos_id], answer.train)
+            yield f" {answer.content} ", answer.train
+            yield tok.eos_id, answer.train
+
+
+def encode_dialogue(tok: Tokenizer, d: Dialogue, for_generation: bool = False) -> tuple[list[int], list[bool]]:
+    """(token ids, loss mask). With for_generation the sequence ends after the last [/INST]."""
     if for_generation and (len(d.turns) % 2 == 0):
         raise ValueError("a generation prompt must end with a user turn")
+    ids: list[int] = []
+    mask: list[bool] = []
+    for part, train in _parts(tok, d):
+        new = [part] if isinstance(part, int) else encode_content(tok, part, prefix=False)
+        ids.extend(new)
+        mask.extend([train] * len(new))
     return ids, mask
+
+
+def encode_answer(tok: Tokenizer, text: str) -> list[int]:
+    """An assistant answer as it follows encode_prompt's ids: its text segment and </s>."""
+    return encode_content(tok, f" {text} ", prefix=False) + [tok.eos_id]
 
 
 def encode_prompt(tok: Tokenizer, d: Dialogue) -> list[int]:

@@ -29,10 +29,23 @@ class Tokenizer:
         # LLaMA has no pad token; we reserve one so batches can be padded without aliasing EOS.
         pad = self.sp.pad_id()
         self.pad_id: int = pad if pad >= 0 else self.eos_id
+        self._unprefixed: spm.SentencePieceProcessor | None = None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_unprefixed(self, text: str) -> list[int]:
+        """Ids of `text` without SentencePiece's dummy-prefix space: how a Hugging Face tokenizer
+        built from this model (Metaspace, prepend_scheme "first") encodes text that follows a
+        control symbol. The chat format's segments are encoded this way (model/chat.py)."""
+        if self._unprefixed is None:
+            # the same model with normalizer_spec.add_dummy_prefix = false: a second occurrence of
+            # ModelProto field 3 (normalizer_spec) holding field 3 (add_dummy_prefix) = 0, which
+            # protobuf merges into the first (no protobuf import needed)
+            proto = self.model_path.read_bytes() + b"\x1a\x02\x18\x00"
+            self._unprefixed = spm.SentencePieceProcessor(model_proto=proto)
+        return self._unprefixed.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)

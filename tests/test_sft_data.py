@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from model.chat import Dialogue, Turn, encode_dialogue
+from model.chat import Dialogue, Turn, encode_answer, encode_dialogue
 from steps.gatt import gatt_dialogues, roll_out
 from steps.sft_data import BadDialogueError, from_table, pack, read_dialogues, to_table
 from tests.conftest import train_tiny_tokenizer
@@ -113,4 +113,4 @@ def test_gatt_flags_reach_the_loss_mask(tok):
                          lambda ds: [("fr five", True)] * len(ds))
     ids, mask = encode_dialogue(tok, d)
     trained = tok.decode([i for i, m in zip(ids, mask) if m and i != tok.eos_id])
-    assert trained.strip() == "fr five" and sum(mask) == len(tok.encode("fr five")) + 1
+    assert trained.strip() == "fr five" and sum(mask) == len(encode_answer(tok, "fr five"))  # text + </s>

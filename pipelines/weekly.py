@@ -67,10 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreBusy, OSError) as e:  # a busy store, an unreachable bucket, a full disk: try again later
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    print(result.report)
     if args.report:
         Path(args.report).write_text(result.report + "\n", encoding="utf-8")
+    print(shorten(result.report, args.report or (result.record_dir and result.record_dir / "report.txt")))
     return result.exit_code
+
+
+def shorten(report: str, full: object, limit: int = 200) -> str:
+    """The report with at most `limit` problem lines (a broken 100k-row batch has 100k problems)."""
+    lines = report.splitlines()
+    head = next((i + 1 for i, line in enumerate(lines) if line.startswith("problems (")), len(lines))
+    if len(lines) - head <= limit:
+        return report
+    where = f"all of them in {full}" if full else "all of them with --report FILE"
+    return "\n".join(lines[:head + limit] + [f"  ... and {len(lines) - head - limit} more ({where})"])
 
 
 if __name__ == "__main__":

@@ -301,21 +301,31 @@ class PreferenceStore:
     # -- writing
     def ingest(self, uri: str, cfg: PreferenceConfig, fmt: str = "contract") -> IngestResult:
         """Validate and ingest one batch (see the module docstring for the guarantees)."""
+        known = self.find(batch_digest(uri))  # hashing is cheap; validating a known batch again is not
+        if known is not None:
+            return self._already(uri, known)
         checked = read_batch(uri, fmt, cfg.max_text_chars)  # the slow part, outside the lock
         with self.lock(cfg.lock_timeout_s):
             index = self.batches()
             self._remove_orphans(index)
             known = next((b for b in index if b["digest"] == checked.digest), None)
-            if known is not None:
-                return IngestResult("already", known["version"], checked.digest, 0, 0, _report(
-                    checked, f"already ingested as {known['version']} on {known['ingested_at']}: nothing to do "
-                             f"(its report: {self.batch_dir(known['version']) / 'report.txt'})", limit=0))
+            if known is not None:  # another ingest took the same batch meanwhile
+                return self._already(uri, known)
             self._check_against_store(checked, index)
             verdict = _verdict(checked, cfg)
             if verdict:
                 return IngestResult("rejected", None, checked.digest, 0, checked.rows,
                                     _report(checked, f"REJECTED ({verdict}); the store is unchanged"))
             return self._write(checked, cfg, fmt, index)
+
+    def _already(self, uri: str, known: dict[str, Any]) -> IngestResult:
+        report = "\n".join([
+            f"batch:   {uri}", f"sha256:  {known['digest']}",
+            f"rows:    {known['rows']} in {len(known['files'])} file(s), {known['accepted']} accepted, "
+            f"{known['quarantined']} quarantined",
+            f"result:  already ingested as {known['version']} on {known['ingested_at']}: nothing to do "
+            f"(its report: {self.batch_dir(known['version']) / 'report.txt'})"])
+        return IngestResult("already", known["version"], known["digest"], 0, 0, report)
 
     def _check_against_store(self, checked: CheckedBatch, index: list[dict[str, Any]]) -> None:
         earlier: dict[str, str] = {}
@@ -377,16 +387,14 @@ def _verdict(checked: CheckedBatch, cfg: PreferenceConfig) -> str | None:
     return None
 
 
-def _report(checked: CheckedBatch, outcome: str, limit: int = 200) -> str:
+def _report(checked: CheckedBatch, outcome: str) -> str:
     problems = checked.problems()
     lines = [f"batch:   {checked.uri}", f"sha256:  {checked.digest}",
              f"rows:    {checked.rows} in {len(checked.files)} file(s), {len(checked.valid)} valid",
              f"result:  {outcome}"]
-    if problems and limit:
+    if problems:
         lines.append(f"problems ({len(problems)}):")
-        lines += [f"  {p}" for p in problems[:limit]]
-        if len(problems) > limit:
-            lines.append(f"  ... and {len(problems) - limit} more (all of them in quarantine.jsonl)")
+        lines += [f"  {p}" for p in problems]
     return "\n".join(lines)
 
 

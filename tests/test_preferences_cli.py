@@ -154,3 +154,13 @@ def test_weekly_ingests_an_shp_batch(tmp_path):
     got = {p["pair_id"]: p["strength"] for p in store.pairs([res.version]).to_pylist()}
     assert got == {"shp-post0-ca-cb": "significantly_better", "shp-post1-ca-cb": "significantly_better",
                    "shp-post2-ca-cb": "significantly_better", "shp-q-ca-cb": "slightly_better"}
+
+
+def test_the_printed_report_is_capped_and_says_where_the_rest_is():
+    from pipelines.weekly import shorten
+
+    report = "\n".join(["batch:   b", "result:  REJECTED", "problems (250):"] + [f"  b/p.jsonl:{i}: x: y" for i in range(250)])
+    short = shorten(report, None).splitlines()
+    assert len(short) == 3 + 200 + 1 and short[-1] == "  ... and 50 more (all of them with --report FILE)"
+    assert shorten(report, "store/batches/0002-ab/report.txt").endswith("all of them in store/batches/0002-ab/report.txt)")
+    assert shorten("\n".join(report.splitlines()[:20]), None) == "\n".join(report.splitlines()[:20])

@@ -204,10 +204,20 @@ def _parquet_rows(shown: str, data: bytes, checked: CheckedBatch) -> Iterator[tu
         yield from enumerate(table.to_pylist(), start=1)
     except UnicodeDecodeError:  # locate the rows with invalid UTF-8 strings one by one
         for i in range(table.num_rows):
+            one = table.slice(i, 1)
             try:
-                yield i + 1, table.slice(i, 1).to_pylist()[0]
+                yield i + 1, one.to_pylist()[0]
             except UnicodeDecodeError as e:
-                yield i + 1, Problem(shown, i + 1, "-", f"invalid UTF-8 in a string column ({e.reason})")
+                bad = [c for c in one.column_names if not _decodes(one.column(c))]
+                yield i + 1, Problem(shown, i + 1, ",".join(bad) or "-", f"invalid UTF-8 ({e.reason})")
+
+
+def _decodes(column: pa.ChunkedArray) -> bool:
+    try:
+        column.to_pylist()
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _check_duplicates(checked: CheckedBatch) -> None:

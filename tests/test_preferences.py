@@ -115,6 +115,14 @@ def test_invalid_utf8_is_reported_with_its_line(tmp_path, store):
                                '"strength": "better", "axis": "helpfulness", "source": "v"}'])
     res = store.ingest(str(tmp_path / "bad"), FAIL)
     assert res.status == "rejected" and "bad/part-0.jsonl:2: chosen: invalid UTF-8" in res.report
+    # Parquet strings are UTF-8 by definition, but a writer can store raw bytes in a string column
+    table = pa.Table.from_pylist([row(1), row(2)])
+    raw = pa.array([b"fine", b"a \xff byte"], pa.binary()).view(pa.string())  # no validation on view
+    path.unlink()
+    pq.write_table(table.set_column(table.schema.get_field_index("rejected"), "rejected", raw),
+                   tmp_path / "bad" / "part-0.parquet")
+    res = store.ingest(str(tmp_path / "bad"), FAIL)
+    assert res.status == "rejected" and "bad/part-0.parquet:2: rejected: invalid UTF-8" in res.report
     assert snapshot(store.root) == before
 
 

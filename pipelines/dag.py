@@ -1,7 +1,7 @@
 """Running a list of StepSpecs as a DAG of Ray tasks.
 
-Each step is one `@ray.remote` task with its own resources and, on a cluster, its own
-container image (`runtime_env={"image_uri": ...}`); upstream results are passed as
+Each step is one `@ray.remote` task with its own resources; on a cluster, custom resources
+place it on the nodes that run its image (`data_node`, `gpu_node`); upstream results are passed as
 ObjectRefs, so Ray starts a step as soon as its inputs exist and independent steps (the two
 reward models, say) run concurrently. Training steps keep their node light: the node only
 launches Ray Train workers, which ask for the CPUs/GPUs.
@@ -20,6 +20,7 @@ import ray
 
 from pipelines.config import Config, StepResources
 from pipelines.runner import StepResult, StepSpec, execute_step, plan_fingerprints
+from pipelines.tracking import check_tracking_for_cluster, tracking_uri
 
 log = logging.getLogger("pipelines")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,30 +51,81 @@ def select(specs: list[StepSpec], stages: list[str] | None, until: str | None) -
     return specs
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join a reachable cluster (`ray job submit` sets RAY_ADDRESS), else start a local one."""
+class ClusterError(RuntimeError):
+    """The run would join the wrong Ray cluster or lose its outputs or tracking on a cluster."""
+
+
+def _in_ray_job() -> bool:
+    # The job supervisor of `ray job submit` sets this (and RAY_ADDRESS) for the entrypoint.
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def ensure_ray(cfg: Config) -> str:
+    """Start or join Ray and say which (printed, and returned).
+
+    Inside `ray job submit` the run joins the job's cluster; with `run.ray_address` set it joins
+    that cluster; otherwise it starts a private local instance (`address="local"`) and never
+    joins a Ray that someone else started on this machine (`ray start` leaves a "current
+    cluster" file that a plain `ray.init()` would follow). A RAY_ADDRESS in the environment that
+    `run.ray_address` does not name is refused rather than silently followed. Once connected,
+    it refuses a file/sqlite tracking store when the cluster has more than one node, and a
+    storage root inside the job's temporary working directory, which Ray deletes.
+    """
     if ray.is_initialized():
-        return
+        return "ray: already initialised in this process"
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}}
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=None if "RAY_JOB_ID" in os.environ else env,
-                 log_to_driver=True)
+    env_address = os.environ.get("RAY_ADDRESS")
+    if _in_ray_job():
+        # The job's runtime env (working_dir, env vars) already applies to every task.
+        ray.init(address=env_address or "auto", log_to_driver=True)
+        how = "joined the cluster of this Ray job"
+    elif cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, runtime_env=env, log_to_driver=True)
+        how = f"joined the cluster named by run.ray_address={cfg.run.ray_address}"
+    elif env_address:
+        raise ClusterError(
+            f"RAY_ADDRESS={env_address} is set but run.ray_address is not: this run does not join a "
+            f"cluster it was not told to use. Pass run.ray_address={env_address} to use it, submit "
+            f"with `ray job submit`, or unset RAY_ADDRESS to run on a private local instance.")
+    else:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+        env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True,
+                 configure_logging=True, logging_level=logging.WARNING)
+        how = "started a private local instance"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    where = ray.get_runtime_context().gcs_address
+    message = f"ray: {how} at {where} ({len(nodes)} node{'s' * (len(nodes) != 1)})"
+    print(message, file=sys.stderr, flush=True)
+    check_cluster_storage(cfg, num_nodes=len(nodes), in_job=_in_ray_job())
+    return message
+
+
+def check_cluster_storage(cfg: Config, *, num_nodes: int, in_job: bool, cwd: Path | None = None) -> None:
+    """Refuse storage that a cluster run would lose or split: a local file/sqlite tracking
+    store on more than one node, or outputs inside `ray job submit`'s working-dir copy."""
+    check_tracking_for_cluster(tracking_uri(cfg, Path(cfg.run.output_dir)), num_nodes)
+    if not in_job:
         return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
-    ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True,
-             configure_logging=True, logging_level=logging.WARNING)
+    cwd = (cwd or Path.cwd()).resolve()
+    out = cfg.run.output_dir
+    if "://" not in out and Path(out).resolve().is_relative_to(cwd) and "runtime_resources" in cwd.parts:
+        raise ClusterError(
+            f"run.output_dir {out} lies inside this job's working-directory copy ({cwd}), which Ray "
+            f"deletes after the job, so nothing would be cached for the next one. Pass --output-dir "
+            f"on storage every node shares (the cluster presets use /mnt/llama2/outputs).")
 
 
 def _task_options(spec: StepSpec, res: StepResources | None) -> dict[str, Any]:
+    """Ray task options of a step: CPUs/GPUs/memory, plus the custom resources that place it
+    on the nodes of its image (`data_node`, `gpu_node`; see StepResources)."""
     res = res or StepResources(num_cpus=0.0 if spec.light else 1.0)
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 0,
                             "name": f"step:{spec.name}"}
     if res.memory_gb:
         opts["memory"] = int(res.memory_gb * 2**30)
-    if res.image:
-        opts["runtime_env"] = {"image_uri": res.image}
+    if res.resources:
+        opts["resources"] = dict(res.resources)
     return opts
 
 

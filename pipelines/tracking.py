@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,50 @@ class Tracking:
 
 
 def tracking_uri(cfg: Config, output_root: Path) -> str:
-    if cfg.run.tracking_uri:
-        return cfg.run.tracking_uri
-    return f"sqlite:///{output_root / 'mlflow.db'}"
+    """run.tracking_uri with environment variables expanded (cluster presets name the head as
+    ${LLAMA2_MLFLOW_HOST}, which the head's start command or pod spec sets), else a sqlite file under the
+    storage root. Resolved once in the driver: every step gets the resolved string."""
+    if not cfg.run.tracking_uri:
+        return f"sqlite:///{output_root / 'mlflow.db'}"
+    uri = os.path.expandvars(cfg.run.tracking_uri)
+    if "$" in uri:
+        raise TrackingStoreError(
+            f"run.tracking_uri {cfg.run.tracking_uri!r} names an environment variable that is not set "
+            f"(got {uri!r}). On a cluster the head sets LLAMA2_MLFLOW_HOST (ray_cluster.yaml, "
+            f"infra/kuberay/); elsewhere pass run.tracking_uri=<server URL>.")
+    return uri
+
+
+class TrackingStoreError(ValueError):
+    """The tracking URI cannot work where the pipeline runs."""
+
+
+def local_store_path(uri: str) -> str | None:
+    """The local path behind a file- or sqlite-backed tracking URI; None for a server
+    (http/https/databricks) or a database reached over the network (postgresql, mysql)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri  # a plain path: MLflow's file store
+    if scheme == "file":
+        return rest
+    if scheme == "sqlite":
+        return rest.removeprefix("/") if rest.startswith("//") else rest  # sqlite:////abs, sqlite:///rel
+    return None
+
+
+def check_tracking_for_cluster(uri: str, num_nodes: int) -> None:
+    """Refuse a file- or sqlite-backed store on more than one node: steps on other nodes would
+    write their own copy (a path that exists only there) or contend on one sqlite file over a
+    network file system, and the UI on the head would miss their runs."""
+    path = local_store_path(uri)
+    if path is None or num_nodes <= 1:
+        return
+    kind = "sqlite" if uri.startswith("sqlite:") else "file"
+    raise TrackingStoreError(
+        f"run.tracking_uri is {uri!r}, a {kind} store on a local path ({path}), but this Ray cluster has "
+        f"{num_nodes} nodes. Point run.tracking_uri at the cluster's MLflow server (the cluster presets "
+        f"use http://${{LLAMA2_MLFLOW_HOST}}:5000: the server ray_cluster.yaml starts on the head, or "
+        f"infra/kuberay/mlflow.yaml); see infra/README.md.")
 
 
 def setup_experiment(uri: str, name: str, artifact_root: Path) -> str:
@@ -45,8 +87,11 @@ def setup_experiment(uri: str, name: str, artifact_root: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    # A tracking server stores artifacts where its --artifacts-destination says (proxied, so no
+    # client needs the store's path or credentials); a local store keeps them under the storage root.
+    location = None if uri.startswith(("http://", "https://")) else artifact_root.as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_root.as_uri())
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another invocation
         exp = client.get_experiment_by_name(name)
         if exp is None:

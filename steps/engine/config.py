@@ -17,7 +17,15 @@ class StepResources(Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     memory_gb: float | None = Field(None, gt=0)
-    image: str | None = None  # container image for this step on a cluster (runtime_env image_uri)
+    # Custom Ray resources the task asks for. On a cluster each node type declares one marker
+    # resource for the image it runs (ray_cluster.yaml, infra/kuberay/: `data_node` on CPU data
+    # nodes, `gpu_node` on GPU training nodes), so asking for a sliver of it (0.01) places the
+    # step on a node of that image.
+    resources: dict[str, float] = Field(default_factory=dict)
+    # The image the step needs: a declaration that tests check against the node types and worker
+    # groups carrying the marker resource in `resources`. Steps do not start their own container
+    # (Ray's per-task image_uri needs podman on every node, which the cluster does not provision).
+    image: str | None = None
 
 
 class OptimConfig(Section):

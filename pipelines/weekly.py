@@ -34,7 +34,8 @@ EXIT_FAILED = 1
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", required=True, help="the batch: a directory, a single file, or a URI pyarrow.fs reads")
+    p.add_argument("--batch", required=True,
+                   help="the batch: a directory, a single file, or a URI pyarrow.fs reads")
     p.add_argument("--ingest-only", action="store_true", help="validate and ingest the batch; train nothing")
     p.add_argument("--format", choices=FORMATS, default="contract",
                    help="the batch's format: the batch contract (default) or a public format to adapt")

@@ -89,7 +89,8 @@ def from_hh(row: dict[str, Any], file: str) -> dict[str, Any]:
     chosen, rejected = hh_turns(_str(row, "chosen"), "chosen"), hh_turns(_str(row, "rejected"), "rejected")
     prompt = chosen[:-1]
     if rejected[:-1] != prompt:
-        raise AdapterError("rejected", "the chosen and rejected transcripts differ before the last Assistant turn")
+        raise AdapterError("rejected",
+                           "the chosen and rejected transcripts differ before the last Assistant turn")
     out: dict[str, Any] = {
         "pair_id": _pair_id("hh", prompt, chosen[-1]["content"], rejected[-1]["content"]),
         "prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"],

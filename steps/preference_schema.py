@@ -136,11 +136,14 @@ def check_row(obj: Any, file: str, row: int, max_text_chars: int) -> tuple[Batch
         return None, _problems(e, obj, file, row)
     out = []
     if parsed.chosen == parsed.rejected:
-        out.append(Problem(file, row, "rejected", "identical to chosen: a comparison needs two different responses"))
+        out.append(Problem(file, row, "rejected",
+                           "identical to chosen: a comparison needs two different responses"))
     if parsed.axis == "safety" and parsed.safety_label is None:
-        out.append(Problem(file, row, "safety_label", f"required when axis is 'safety' (one of {', '.join(SAFETY_LABELS)})"))
+        out.append(Problem(file, row, "safety_label",
+                           f"required when axis is 'safety' (one of {', '.join(SAFETY_LABELS)})"))
     if parsed.axis != "safety" and parsed.safety_label is not None:
-        out.append(Problem(file, row, "safety_label", f"only allowed when axis is 'safety' (axis is {parsed.axis!r})"))
+        out.append(Problem(file, row, "safety_label",
+                           f"only allowed when axis is 'safety' (axis is {parsed.axis!r})"))
     if isinstance(parsed.prompt, list):
         out += _check_turns(parsed.prompt, file, row)
         prompt_texts = [(f"prompt[{i}].content", t.content) for i, t in enumerate(parsed.prompt)]
@@ -184,8 +187,8 @@ def _problems(err: ValidationError, obj: dict[str, Any], file: str, row: int) ->
             if isinstance(value, list) == (not str(branch).startswith("list")) and e["type"] != "missing":
                 continue  # the error of the branch that does not apply to this value's type
             if not isinstance(value, (str, list)) and e["type"] != "missing":
-                by_field["prompt"] = Problem(file, row, "prompt", "must be a string or a list of {role, content} "
-                                                                  f"turns, got {_kind(value)}")
+                by_field["prompt"] = Problem(file, row, "prompt", "must be a string or a list of "
+                                                                  f"{{role, content}} turns, got {_kind(value)}")
                 continue
         name = top + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
         message = "unknown field (a turn has only role and content)" if (

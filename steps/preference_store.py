@@ -173,8 +173,8 @@ def _decode(shown: str, rel: str, data: bytes, fmt: str, checked: CheckedBatch) 
             return
         yield from enumerate(items, start=1)
     else:
-        checked.file_problems.append(Problem(shown, None, "-", "not a .jsonl or .parquet file (names starting "
-                                                               "with '_' or '.' are ignored)"))
+        checked.file_problems.append(Problem(
+            shown, None, "-", "not a .jsonl or .parquet file (names starting with '_' or '.' are ignored)"))
 
 
 def _jsonl_rows(shown: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -235,11 +235,12 @@ def _check_duplicates(checked: CheckedBatch) -> None:
         (f0, r0, first), rest = rows[0], rows[1:]
         if all(parsed == first for _, _, parsed in rest):
             for f, r, _ in rest:
-                problems[f, r] = Problem(f, r, "pair_id", f"{pair_id!r}: an exact copy of {f0}:{r0} (that one is kept)")
+                problems[f, r] = Problem(f, r, "pair_id",
+                                         f"{pair_id!r}: an exact copy of {f0}:{r0} (that one is kept)")
         else:
             for f, r, _ in rows:
-                problems[f, r] = Problem(f, r, "pair_id", f"{pair_id!r} is used by {len(rows)} different rows "
-                                                          f"({places})")
+                problems[f, r] = Problem(f, r, "pair_id",
+                                         f"{pair_id!r} is used by {len(rows)} different rows ({places})")
     checked.drop(problems)
 
 
@@ -343,7 +344,7 @@ class PreferenceStore:
             ids = pq.read_table(self.batch_dir(b["version"]) / "pairs.parquet", columns=["pair_id"])
             earlier.update(dict.fromkeys(ids.column("pair_id").to_pylist(), b["version"]))
         checked.drop({(f, r): Problem(f, r, "pair_id", f"{parsed.pair_id!r} was already accepted in batch "
-                                                       f"{earlier[parsed.pair_id]} (pair ids are unique forever)")
+                                      f"{earlier[parsed.pair_id]} (pair ids are unique forever)")
                       for f, r, parsed in checked.valid if parsed.pair_id in earlier})
 
     def _write(self, checked: CheckedBatch, cfg: PreferenceConfig, fmt: str,
@@ -372,7 +373,8 @@ class PreferenceStore:
         (tmp / "record.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
         os.rename(tmp, final)
         _atomic_write(self.root / "index.json", json.dumps({"batches": [*index, entry]}, indent=2))
-        return IngestResult(status, version, checked.digest, len(records), len(checked.invalid), report, final)
+        return IngestResult(status, version, checked.digest, len(records), len(checked.invalid), report,
+                            final)
 
     def _remove_orphans(self, index: list[dict[str, Any]]) -> None:
         listed = {b["version"] for b in index}
@@ -392,8 +394,8 @@ def _verdict(checked: CheckedBatch, cfg: PreferenceConfig) -> str | None:
         return f"{len(checked.invalid)} of {checked.rows} rows invalid and preference.on_error is 'fail'"
     share = len(checked.invalid) / checked.rows
     if share > cfg.max_invalid_fraction:
-        return (f"{len(checked.invalid)} of {checked.rows} rows invalid, over preference.max_invalid_fraction "
-                f"= {cfg.max_invalid_fraction}")
+        return (f"{len(checked.invalid)} of {checked.rows} rows invalid, over "
+                f"preference.max_invalid_fraction = {cfg.max_invalid_fraction}")
     return None
 
 

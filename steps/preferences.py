@@ -84,7 +84,8 @@ def fingerprint_inputs(cfg: Any, iteration: int) -> str | None:
     return batch_digest(uri)
 
 
-def run(ctx: Any, iteration: int, batch: Artifact | None = None, previous: Artifact | None = None) -> dict[str, Any]:
+def run(ctx: Any, iteration: int, batch: Artifact | None = None,
+        previous: Artifact | None = None) -> dict[str, Any]:
     uri, fmt = batch_uri(ctx.cfg, iteration, batch)
     prefs = store(ctx.cfg)
     result = prefs.ingest(uri, ctx.cfg.preference, fmt)
@@ -103,10 +104,11 @@ def run(ctx: Any, iteration: int, batch: Artifact | None = None, previous: Artif
         tables.append(prefs.pairs([record["version"]]))
     pairs = pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
     pq.write_table(pairs, ctx.out_dir / "pairs.parquet")
-    (ctx.out_dir / "batches.json").write_text(json.dumps({"iteration": iteration, "batches": earlier}, indent=2))
+    snapshot = {"iteration": iteration, "batches": earlier}
+    (ctx.out_dir / "batches.json").write_text(json.dumps(snapshot, indent=2))
     (ctx.out_dir / "report.txt").write_text(result.report + "\n", encoding="utf-8")
 
-    for b in earlier:  # the data this snapshot holds, as MLflow dataset inputs (digests: MLflow keeps 36 chars)
+    for b in earlier:  # the data this snapshot holds, as MLflow dataset inputs (MLflow keeps 36 digest chars)
         ctx.log_input_artifact(f"prefs:{b['version']}", b["digest"][:32], prefs.batch_dir(b["version"]))
     return snapshot_metrics(pairs, earlier, record)
 

@@ -61,4 +61,11 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(100, ge=1)
     max_failures: int = Field(1, ge=0)
+    # Optimizer states (fp32 master weights, Adam moments) in host memory instead of the GPU's:
+    # ZeRO-3 CPU offload, stepped by torch AdamW on the host (no C++ build needed).
     offload_optimizer: bool = False
+    # Gradients are reduced across ranks and accumulated over micro-batches in fp32 even when
+    # the model computes in bf16 (RECIPE scale: bf16 sums over 64-256 ranks lose precision).
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    shuffle_window_rows: int = Field(1 << 16, ge=1)  # rows shuffled together (steps/engine/data.py)
+    eval_max_rows: int = Field(2048, ge=1)  # rows of the eval files each evaluation reads

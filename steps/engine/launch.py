@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.weights import INDEX, SINGLE
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.engine.objective import Objective
 from steps.engine.worker import train_loop
@@ -21,7 +22,7 @@ from steps.engine.worker import train_loop
 
 @dataclass
 class TrainResult:
-    weights: Path  # consolidated fp32 state dict (safetensors)
+    weights: Path  # fp32 weights: model.safetensors, or the index of its shards (model/weights.py)
     history: list[dict]
     seconds: float
     launch_seconds: float  # from train() to the first logged step
@@ -65,8 +66,8 @@ def train(objective: Objective, train_cfg: TrainConfig, optim_cfg: OptimConfig, 
     trainer.fit()
     history = json.loads((out_dir / "history.json").read_text())
     first_step_at = history[0].get("first_step_at", start) if history else start
-    return TrainResult(out_dir / "model.safetensors", history, time.time() - start,
-                       launch_seconds=first_step_at - start)
+    weights = out_dir / SINGLE if (out_dir / SINGLE).exists() else out_dir / INDEX
+    return TrainResult(weights, history, time.time() - start, launch_seconds=first_step_at - start)
 
 
 def run_on_worker(fn, resources: StepResources, *args, **kwargs):

@@ -1,21 +1,19 @@
 """The per-worker training loop: DeepSpeed set-up, resume, steps, checkpoints, metrics.
 
 `build_engine` and `train_step` are the inner step, callable without Ray (unit tests, the
-GPU benchmark). `train_loop` is what each Ray Train worker runs.
+GPU benchmark). `train_loop` is what each Ray Train worker runs. Checkpoints, initial and
+final weights: steps/engine/checkpoint.py.
 
-Checkpoints: `<work_dir>/checkpoints/step_<n>/` written by DeepSpeed's save_checkpoint
-(each rank its shard; model, optimizer, scheduler) with the step, and so the data position,
-in client_state. Rank 0 writes `latest` only after every rank has saved, so a checkpoint
-named there is complete. A restarted worker group (Ray Train FailureConfig) and a new
-pipeline run (same fingerprint, same work_dir) both resume from it.
+Every collective runs on the engine's device (NCCL takes CUDA tensors only), every rank takes
+the same number of forward passes (ZeRO-3 gathers parameters collectively in each forward),
+and the loss is normalised by the loss units (tokens, pairs) of the whole optimizer step
+across micro-batches and ranks (steps/engine/objective.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from steps.engine.checkpoint import (
+    export_weights,
+    latest_checkpoint,
+    load_checkpoint,
+    load_initial_weights,
+    save_checkpoint,
+    use_safe_loading,
+)
 from steps.engine.config import OptimConfig, TrainConfig
 from steps.engine.data import RowSource
 from steps.engine.objective import Objective
 from steps.engine.optim import build_optimizer
-
-LATEST = "latest"
 
 
 def deepspeed_config(tcfg: TrainConfig, ocfg: OptimConfig, world: int, accum: int) -> dict[str, Any]:
@@ -36,9 +40,7 @@ def deepspeed_config(tcfg: TrainConfig, ocfg: OptimConfig, world: int, accum: in
     zero: dict[str, Any] = {"stage": tcfg.zero_stage}
     if tcfg.zero_stage == 3:
         zero.update(overlap_comm=tcfg.use_gpu, contiguous_gradients=True, stage3_gather_16bit_weights_on_model_save=False)
-    if tcfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return {
+    cfg: dict[str, Any] = {
         "train_batch_size": tcfg.micro_batch_size * world * accum,
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
         "gradient_accumulation_steps": accum,
@@ -49,6 +51,14 @@ def deepspeed_config(tcfg: TrainConfig, ocfg: OptimConfig, world: int, accum: in
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16 and tcfg.grad_reduce_dtype == "fp32":  # reduce and accumulate gradients in fp32
+        cfg["communication_data_type"] = "fp32"
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if tcfg.offload_optimizer:
+        # pinned host memory only where there is a device to copy from
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tcfg.use_gpu}
+        cfg["zero_force_ds_cpu_optimizer"] = False  # torch AdamW steps the host copy (no C++ build)
+    return cfg
 
 
 def setup_accelerator(use_gpu: bool) -> None:
@@ -67,109 +77,92 @@ def build_engine(obj: Objective, tcfg: TrainConfig, ocfg: OptimConfig, total_ste
     if hasattr(module, "checkpoint_layers"):
         module.checkpoint_layers = tcfg.activation_checkpointing
     if obj.init_weights:
-        load_full_state_dict(module, obj.init_weights, zero3=tcfg.zero_stage == 3)
-    optimizer, scheduler = build_optimizer(module, ocfg, total_steps, fused=tcfg.use_gpu)
+        load_initial_weights(module, obj.init_weights, zero3=tcfg.zero_stage == 3)
+    fused = tcfg.use_gpu and not tcfg.offload_optimizer  # FusedAdam needs the states on the GPU
+    optimizer, scheduler = build_optimizer(module, ocfg, total_steps, fused=fused)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    use_safe_loading(engine)
     return engine
 
 
-def load_full_state_dict(module: torch.nn.Module, path: str, zero3: bool) -> None:
-    """Load a safetensors state dict (never a pickle) into a possibly ZeRO-3-partitioned module."""
-    from safetensors.torch import load_file
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum of each value over ranks, through a tensor on `device` (the engine's: NCCL on GPU)."""
+    import torch.distributed as dist
 
-    state = load_file(path)
-    if not zero3:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        _check_keys(missing, unexpected, path)
-        return
-    import deepspeed
-
-    for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if torch.distributed.get_rank() == 0 and name in state:
-                p.data.copy_(state[name].to(p.dtype))
-    _check_keys([n for n, _ in module.named_parameters() if n not in state], [], path)
-
-
-def _check_keys(missing, unexpected, path) -> None:
-    allowed_missing = [m for m in missing if not m.startswith(("score", "value_head"))]
-    if allowed_missing or unexpected:
-        raise ValueError(f"{path}: state dict does not match the model (missing {allowed_missing[:5]}, "
-                         f"unexpected {list(unexpected)[:5]})")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def train_step(engine, micro_batches: list[dict], obj: Objective) -> dict[str, float]:
-    """One optimizer step over the given micro-batches (gradient accumulation inside DeepSpeed)."""
-    total, metrics = 0.0, {}
-    for rows in micro_batches:
-        batch = {k: v.to(engine.device) for k, v in obj.collate(rows).items()}
-        loss, extra = obj.loss(engine.module, batch)
-        engine.backward(loss)
+    """One optimizer step over this rank's micro-batches (accumulated inside DeepSpeed).
+
+    Returns SUMS over this rank's micro-batches: `loss_sum`, `weight` (loss units), `tokens`
+    (input tokens processed) and the objective's metrics; the caller reduces them over ranks.
+    """
+    import torch.distributed as dist
+
+    batches = [{k: v.to(engine.device) for k, v in obj.collate(rows).items()} for rows in micro_batches]
+    weights = [obj.weight(b) for b in batches]
+    total_weight = all_reduce_sum([sum(weights)], engine.device)[0]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # DeepSpeed averages gradients over ranks and divides the loss by the accumulation steps:
+    # this scale turns that average of micro-batch losses into sum(loss) / sum(weight).
+    scale = world * len(batches) / max(total_weight, 1.0)
+    sums: dict[str, float] = {"loss_sum": 0.0, "weight": float(sum(weights)), "tokens": 0.0}
+    for batch in batches:
+        loss_sum, extra = obj.loss(engine.module, batch)
+        engine.backward(loss_sum * scale)
         engine.step()
-        total += float(loss.detach())
+        sums["loss_sum"] += float(loss_sum.detach())
+        sums["tokens"] += float(batch["inputs"].numel()) if "inputs" in batch else obj.tokens_per_row * len(
+            next(iter(batch.values())))
         for k, v in extra.items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    metrics["loss"] = total / len(micro_batches)
-    return metrics
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return sums
 
 
-def latest_checkpoint(ckpt_dir: Path) -> str | None:
-    marker = ckpt_dir / LATEST
-    if marker.exists():
-        tag = marker.read_text().strip()
-        if (ckpt_dir / tag).is_dir():
-            return tag
-    return None
+def reduce_metrics(sums: dict[str, float], obj: Objective, device, prefix: str = "") -> dict[str, float]:
+    """Sums over ranks -> the logged means: loss per unit, mean metrics per unit, other sums."""
+    keys = sorted(sums)
+    total = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
+    weight = max(total.pop("weight", 0.0), 1.0)
+    out = {f"{prefix}loss": total.pop("loss_sum") / weight}
+    for k, v in total.items():
+        out[prefix + k] = v / weight if k in obj.mean_metrics else v
+    return out
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int = 2) -> str:
-    import torch.distributed as dist
-
-    tag = f"step_{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "rng": _rng_state()},
-                           save_latest=False)
-    dist.barrier()
-    if dist.get_rank() == 0:  # publish only a checkpoint every rank has finished
-        (ckpt_dir / f".{LATEST}.tmp").write_text(tag)
-        os.replace(ckpt_dir / f".{LATEST}.tmp", ckpt_dir / LATEST)
-        old = sorted(p for p in ckpt_dir.glob("step_*") if p.name != tag)
-        for p in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
-    dist.barrier()
-    return tag
-
-
-def _all_mean(value: float) -> float:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
-
-def evaluate(engine, obj: Objective, tcfg: TrainConfig, rank: int, world: int, max_rows: int = 2048) -> float:
-    """Mean loss over (up to max_rows of) the eval files, averaged over ranks."""
-    if not obj.eval_files:
-        return float("nan")
+def evaluate(engine, obj: Objective, tcfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
+    """Loss (and mean metrics) per unit over up to `eval_max_rows` rows of the eval files; every
+    rank runs the same number of forward passes, padding ones weighing nothing."""
     src = RowSource(obj.eval_files, obj.columns, 0, tcfg.micro_batch_size * world, tcfg.micro_batch_size, world)
     engine.module.eval()
-    losses = []
+    sums: dict[str, float] = {"loss_sum": 0.0, "weight": 0.0}
     with torch.no_grad():
-        for rows in src.eval_batches(rank, max_rows):
+        for rows, real in src.eval_batches(rank, tcfg.eval_max_rows):
             batch = {k: v.to(engine.device) for k, v in obj.collate(rows).items()}
-            losses.append(float(obj.loss(engine.module, batch)[0]))
+            loss_sum, extra = obj.loss(engine.module, batch)
+            keep = 1.0 if real else 0.0  # padding counts as zero, but every rank has the same keys
+            sums["loss_sum"] += keep * float(loss_sum)
+            sums["weight"] += keep * obj.weight(batch)
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0.0) + keep * float(v)
     engine.module.train()
-    return _all_mean(sum(losses) / max(len(losses), 1))
+    out = reduce_metrics(sums, obj, engine.device, prefix="eval_")
+    return {k: v for k, v in out.items() if k == "eval_loss" or k.removeprefix("eval_") in obj.mean_metrics}
+
+
+def check_eval_set(obj: Objective, tcfg: TrainConfig) -> None:
+    """An evaluation with nothing to evaluate is a configuration error, before any training."""
+    if not obj.eval_files:
+        return
+    src = RowSource(obj.eval_files, obj.columns, 0, tcfg.micro_batch_size, tcfg.micro_batch_size, 1)
+    units = sum(obj.weight(obj.collate(rows)) for rows, real in src.eval_batches(0, tcfg.eval_max_rows) if real)
+    if units == 0:
+        raise ValueError(f"{obj.name}: the evaluation files {obj.eval_files} hold no loss units (empty or "
+                         f"fully masked): fix the evaluation set or pass none")
 
 
 def train_loop(config: dict) -> None:
@@ -186,7 +179,9 @@ def train_loop(config: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     seed = config["seed"]
     torch.manual_seed(seed)  # same initial weights on every rank
-    data = RowSource(obj.train_files, obj.columns, seed, tcfg.global_batch_size, tcfg.micro_batch_size, world)
+    check_eval_set(obj, tcfg)
+    data = RowSource(obj.train_files, obj.columns, seed, tcfg.global_batch_size, tcfg.micro_batch_size, world,
+                     window_rows=tcfg.shuffle_window_rows)
     total = tcfg.max_steps or max(1, int(tcfg.epochs * data.steps_per_epoch))
     engine = build_engine(obj, tcfg, ocfg, total, world, data.accum)
 
@@ -195,9 +190,7 @@ def train_loop(config: dict) -> None:
     start = 0
     history: list[dict] = []
     if (tag := latest_checkpoint(ckpt_dir)) is not None:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        start = client["step"]
-        _set_rng(client["rng"])
+        start = load_checkpoint(engine, ckpt_dir, tag)
         if (work_dir / "history.json").exists():
             history = [h for h in json.loads((work_dir / "history.json").read_text()) if h["step"] <= start]
         if rank == 0:
@@ -205,53 +198,42 @@ def train_loop(config: dict) -> None:
 
     logger = MetricLogger(config.get("tracking_uri"), config.get("mlflow_run_id"), rank)
     fail_at = int(os.environ.get("LLAMA2_FAIL_AT_STEP", "0"))
-    tick, tokens = time.time(), 0.0
+    tick, window = time.time(), {}
     first_step_at = tick  # launch overhead = this minus the time train() was called
     for step in range(start, total):
         if fail_at and step == fail_at and rank == 0 and not (work_dir / "failed_once").exists():
             (work_dir / "failed_once").write_text(str(step))  # a planned crash, once (tests)
             os._exit(1)
-        metrics = train_step(engine, data.micro_batches(step, rank), obj)
-        tokens += metrics.pop("tokens", 0.0) or obj.tokens_per_row * tcfg.micro_batch_size * data.accum
+        for k, v in train_step(engine, data.micro_batches(step, rank), obj).items():
+            window[k] = window.get(k, 0.0) + v
         done = step + 1
         if done % tcfg.log_every == 0 or done == total:
-            elapsed = time.time() - tick
-            row = {"step": done, "first_step_at": first_step_at, "loss": _all_mean(metrics["loss"]),
-                   "lr": engine.get_lr()[0],
-                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "tokens_per_s": _all_mean(tokens / max(elapsed, 1e-9)) * world}
-            row.update({k: _all_mean(v) for k, v in metrics.items() if k != "loss"})
+            elapsed = max(time.time() - tick, 1e-9)
+            units = all_reduce_sum([window["weight"]], engine.device)[0]
+            row = {"step": done, "first_step_at": first_step_at, **reduce_metrics(window, obj, engine.device)}
+            row.update(lr=engine.get_lr()[0], grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                       tokens_per_s=row.pop("tokens") / elapsed, loss_units_per_s=units / elapsed)
             if obj.flops_per_token:
                 from model.flops import mfu
 
-                row["mfu"] = mfu(row["tokens_per_s"] / world, obj.flops_per_token, tcfg.use_gpu)
+                if (value := mfu(row["tokens_per_s"] / world, obj.flops_per_token, tcfg.use_gpu)) is not None:
+                    row["mfu"] = value
             row["memory_gb"] = memory_gb(tcfg.use_gpu)
-            if done % tcfg.eval_every == 0 or done == total:
-                row["eval_loss"] = evaluate(engine, obj, tcfg, rank, world)
+            if obj.eval_files and (done % tcfg.eval_every == 0 or done == total):
+                row.update(evaluate(engine, obj, tcfg, rank, world))
             history.append(row)
             logger.log(row, done)
             _report(row)
-            tick, tokens = time.time(), 0.0
+            tick, window = time.time(), {}
         if done % tcfg.checkpoint_every == 0 and done < total:
             save_checkpoint(engine, ckpt_dir, done)
             if rank == 0:
                 (work_dir / "history.json").write_text(json.dumps(history))
 
-    # final: consolidate the ZeRO shards into one fp32 state dict, saved with safetensors
-    final = save_checkpoint(engine, ckpt_dir, total)
+    export_weights(engine, out_dir)  # fp32 weights, one parameter at a time, from every rank
     if rank == 0:
-        export_consolidated(ckpt_dir, final, out_dir / "model.safetensors")
         (out_dir / "history.json").write_text(json.dumps(history))
     dist.barrier()
-
-
-def export_consolidated(ckpt_dir: Path, tag: str, dest: Path) -> None:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(dest))
 
 
 def memory_gb(use_gpu: bool) -> float:

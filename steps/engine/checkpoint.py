@@ -1,0 +1,165 @@
+"""Checkpoints, initial weights and the final weights of a training, at any scale.
+
+Resumable checkpoints: `<work_dir>/checkpoints/step_<n>/` written by DeepSpeed's
+save_checkpoint (each rank its shard: model, optimizer, scheduler), plus per rank a JSON file
+with the step (the data position, steps/engine/data.py) and the RNG states. Rank 0 writes
+`latest` only after every rank has saved, so a checkpoint named there is complete. Loading
+never unpickles code: DeepSpeed's files are read with `torch.load(weights_only=True)` and an
+allowlist of the two DeepSpeed state classes they contain; RNG and step are JSON.
+
+Initial weights are read one tensor at a time (model/weights.py) and, under ZeRO-3, copied
+by rank 0 into each gathered parameter, so no rank holds the whole state dict. Final weights
+are assembled one parameter at a time from the fp32 master copy (an all-gather of its
+partitions) and written by rank 0 into safetensors shards: host memory stays at about one
+parameter plus one shard, even for 70B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.weights import DEFAULT_SHARD_BYTES, ShardedWriter, WeightsReader
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    """Every RNG the training touches, as JSON-serialisable data."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def use_safe_loading(engine) -> None:
+    """Make DeepSpeed read its checkpoint files with weights_only=True (it hard-codes False)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            # the only non-tensor classes in ZeRO checkpoints; anything else is refused
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
+        safe.__dict__.update(engine.checkpoint_engine.__dict__)
+        engine.checkpoint_engine = safe
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    marker = ckpt_dir / LATEST
+    if marker.exists():
+        tag = marker.read_text().strip()
+        if (ckpt_dir / tag).is_dir():
+            return tag
+    return None
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int = 2) -> str:
+    import torch.distributed as dist
+
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    rank = dist.get_rank()
+    (ckpt_dir / tag / f"client_rank{rank}.json").write_text(json.dumps({"step": step, "rng": rng_state()}))
+    dist.barrier()
+    if rank == 0:  # publish only a checkpoint every rank has finished
+        (ckpt_dir / f".{LATEST}.tmp").write_text(tag)
+        os.replace(ckpt_dir / f".{LATEST}.tmp", ckpt_dir / LATEST)
+        old = sorted(p for p in ckpt_dir.glob("step_*") if p.name != tag)
+        for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: Path, tag: str) -> int:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the step."""
+    import torch.distributed as dist
+
+    use_safe_loading(engine)
+    engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    client = json.loads((ckpt_dir / tag / f"client_rank{dist.get_rank()}.json").read_text())
+    set_rng_state(client["rng"])
+    return int(client["step"])
+
+
+def load_initial_weights(module: torch.nn.Module, path: str, zero3: bool) -> None:
+    """Copy saved weights into a (possibly ZeRO-3 partitioned) module, one tensor at a time."""
+    import torch.distributed as dist
+
+    with WeightsReader(path) as reader:
+        names = [n for n, _ in module.named_parameters()]
+        _check_keys([n for n in names if n not in reader], [k for k in reader.keys() if k not in set(names)],
+                    str(reader.location))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for name, p in module.named_parameters():
+            if name not in reader:
+                continue
+            if zero3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank == 0:
+                        p.data.copy_(reader[name].to(p.dtype))
+            else:
+                with torch.no_grad():
+                    p.copy_(reader[name].to(p.dtype))
+
+
+def _check_keys(missing, unexpected, path) -> None:
+    allowed_missing = [m for m in missing if not m.startswith(("score", "value_head"))]
+    if allowed_missing or unexpected:
+        raise ValueError(f"{path}: saved weights do not match the model (missing {allowed_missing[:5]}, "
+                         f"unexpected {list(unexpected)[:5]})")
+
+
+def export_weights(engine, dest: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path | None:
+    """Write the model's fp32 weights into `dest` (model.safetensors, or shards + index) one
+    parameter at a time; every rank must call it (the gathers are collective). Returns the
+    path on rank 0, None elsewhere."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = dist.get_rank()
+    writer = ShardedWriter(dest, max_shard_bytes, dtype=torch.float32) if rank == 0 else None
+    zero3 = engine.zero_optimization_stage() == 3
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # the fp32 master copy (all-gathered under ZeRO-3)
+        gather = nullcontext()
+        if full is None and zero3:  # a frozen ZeRO-3 parameter has no master copy
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p])
+        with gather:
+            if rank == 0:
+                writer.add(name, full if full is not None else p.data)
+        del full
+    path = writer.close() if rank == 0 else None
+    dist.barrier()
+    return path

@@ -348,3 +348,18 @@ def test_export_streams_parameters_into_shards_with_bounded_host_memory(tmp_path
         model_mb = sum(reader[n].numel() for n in reader.keys()) * 4 / 2**20
     # the model is ~110 MB; the export holds about one parameter (3 MB) and one 8 MB shard
     assert model_mb > 100 and r["peak_mb"] < 45, r["peak_mb"]
+
+
+def test_an_evaluation_set_with_nothing_to_evaluate_is_an_error_before_training(tmp_path):
+    """GAtt once logged eval_loss = NaN from a fully masked evaluation set: now it is refused."""
+    from steps.engine.worker import check_eval_set
+
+    write_tokens(tmp_path / "val.parquet", 4)
+    masked = Objective("gatt", partial(build, CFG), lm_objective_loss, [], ["tokens", "prompt"], collate_masked,
+                       eval_files=[str(tmp_path / "val.parquet")])
+    table = pq.read_table(tmp_path / "val.parquet").append_column("prompt", pa.array([16] * 4))
+    pq.write_table(table, tmp_path / "val.parquet")
+    with pytest.raises(ValueError, match="no loss units"):
+        check_eval_set(masked, TrainConfig(micro_batch_size=2))
+    check_eval_set(Objective("lm", partial(build, CFG), lm_objective_loss, [], ["tokens"], collate_lm,
+                             eval_files=[str(tmp_path / "val.parquet")]), TrainConfig(micro_batch_size=2))

@@ -1,15 +1,15 @@
-"""Planted exact and near duplicates are found (within and across sources); distinct
-documents are kept; the Ray Data path agrees with the in-process one; line-level dedup."""
+"""Dedup: banding guarantees, decisions by exact Jaccard, chains and clusters, no merging of
+empty documents, distributed components and the distributed path agreeing with the in-process one."""
 
 import random
 
 import numpy as np
 import pytest
 
-from steps.data.config import DedupConfig
-from steps.data.dedup import drop_lines, find_duplicates, line_hashes, minhash_signatures, similarity
+from steps.data import dedup as dd
+from steps.data.config import DedupConfig, candidate_probability
 
-CFG = DedupConfig(num_perm=128, bands=32, threshold=0.7)
+CFG = DedupConfig(num_perm=80, bands=20, threshold=0.7)
 VOCAB = [f"w{i}" for i in range(5000)]
 
 
@@ -26,35 +26,76 @@ def edit(text: str, seed: int, fraction: float) -> str:
     return " ".join(words)
 
 
-def corpus():
-    base = [article(i) for i in range(40)]
-    docs = list(base)
-    docs.append(base[3].upper().replace(" ", "  ") + " !!!")  # 40: exact dup of 3 (case, spaces, punct)
-    docs.append(edit(base[7], 1, 0.02))  # 41: near dup of 7 (2% of words changed)
-    docs.append(edit(base[7], 2, 0.03))  # 42: near dup of 7
-    docs.append(edit(base[11], 3, 0.5))  # 43: half rewritten: a different document
-    return docs
+def true_j(a: str, b: str, n: int = 5) -> float:
+    return dd.jaccard(dd.shingle_hashes(a, n), dd.shingle_hashes(b, n))
 
 
-def test_planted_duplicates_are_found_and_distinct_docs_kept():
-    removed = find_duplicates(corpus(), CFG)
-    got = {(r["removed"], r["kept"], r["kind"]) for r in removed}
-    assert got == {(40, 3, "exact"), (41, 7, "near"), (42, 7, "near")}
-    assert all(r["similarity"] >= 0.7 for r in removed)
+def test_banding_must_make_the_threshold_a_candidate_with_p_099():
+    assert candidate_probability(0.8, 14, 8) < 0.93  # the old 7b setting
+    with pytest.raises(ValueError, match="probability"):
+        DedupConfig(num_perm=112, bands=14, threshold=0.8)
+    assert candidate_probability(0.8, 20, 5) > 0.999 and DedupConfig(num_perm=100, bands=20).rows == 5
+    assert candidate_probability(0.7, 20, 4) > 0.99
 
 
-def test_minhash_estimates_jaccard():
-    a = article(100, 2000)
-    b = edit(a, 5, 0.1)
-    sa, sb = minhash_signatures([a, b], DedupConfig(num_perm=256, bands=32, ngram=1))
-    words_a, words_b = set(a.split()), set(b.split())
-    true = len(words_a & words_b) / len(words_a | words_b)
-    assert abs(similarity(sa, sb) - true) < 0.08
+def test_exact_jaccard_decides_not_the_estimate():
+    """Pairs just above and just below the threshold: only the first is merged, every time."""
+    cfg = DedupConfig(num_perm=100, bands=20, threshold=0.8)
+    above = below = 0
+    for seed in range(40):
+        a = article(seed, 400)
+        b = edit(a, seed + 1000, random.Random(seed).uniform(0.01, 0.035))
+        j = true_j(a, b)
+        removed = dd.find_duplicates([a, b], cfg)
+        if j >= 0.8:
+            above += 1
+            assert [(r["removed"], r["kept"]) for r in removed] == [(1, 0)] and removed[0]["similarity"] == j
+        else:
+            below += 1
+            assert removed == []
+    assert above >= 5 and below >= 5  # both sides of the threshold were exercised
+
+
+def test_chain_is_one_cluster_with_one_survivor():
+    a = article(1, 400)
+    b = edit(a, 2, 0.03)
+    c = edit(b, 3, 0.03)
+    assert true_j(a, b) >= 0.7 and true_j(b, c) >= 0.7 and true_j(a, c) < 0.7
+    removed = dd.find_duplicates([c, article(9), a, b], CFG)  # c first in order: it is kept
+    assert {(r["removed"], r["kept"]) for r in removed} == {(2, 0), (3, 0)}
+
+
+@pytest.mark.parametrize("size", range(2, 11))
+def test_clusters_of_2_to_10_chained_copies_keep_one(size):
+    docs = [article(100 + size, 400)]
+    for k in range(size - 1):
+        docs.append(edit(docs[-1], 1000 * size + k, 0.02))
+    others = [article(500 + i) for i in range(5)]
+    removed = dd.find_duplicates(others + docs, CFG)
+    truth = dd.components((i, j) for i in range(size) for j in range(i + 1, size) if true_j(docs[i], docs[j]) >= 0.7)
+    expected_clusters = len(set(truth.values())) + (size - len(truth))
+    assert len(removed) == size - expected_clusters and all(r["removed"] >= 5 for r in removed)
+
+
+def test_empty_and_too_short_documents_are_never_near_duplicates():
+    docs = ["", "   ", "...", "one two", "one two three", article(1)]
+    assert dd.find_duplicates(docs, DedupConfig(num_perm=80, bands=20, threshold=0.7, exact=False)) == []
+    assert [dd.exact_key(d) for d in docs[:3]] == [-1, -1, -1]
+    exact = dd.find_duplicates(docs, CFG)
+    assert [(r["removed"], r["kept"]) for r in exact] == []  # "one two" != "one two three"
+
+
+def test_large_buckets_pair_linearly_and_stay_connected():
+    members = list(range(1000))
+    pairs = dd.bucket_pairs(members, 32)
+    assert len(pairs) < 2000 and set(dd.components(pairs).values()) == {0}
+    assert len(dd.bucket_pairs(list(range(10)), 32)) == 45
 
 
 def test_signatures_are_deterministic():
-    texts = [article(i) for i in range(3)]
-    assert np.array_equal(minhash_signatures(texts, CFG), minhash_signatures(texts, CFG))
+    perms = dd.permutations(80)
+    s = [dd.signature(dd.shingle_hashes(article(i), 5), perms) for i in range(3)]
+    assert all(np.array_equal(x, dd.signature(dd.shingle_hashes(article(i), 5), perms)) for i, x in enumerate(s))
 
 
 def test_line_level_dedup_removes_only_common_lines():
@@ -62,23 +103,48 @@ def test_line_level_dedup_removes_only_common_lines():
     docs = [f"Unique opening line number {i}\n{boiler}\nAnother unique line {i}" for i in range(5)]
     counts = {}
     for d in docs:
-        for h in line_hashes(d):
+        for h in dd.line_hashes(d):
             counts[h] = counts.get(h, 0) + 1
     common = {h for h, c in counts.items() if c >= 3}
-    text, n = drop_lines(docs[0], common)
+    text, n = dd.drop_lines(docs[0], common)
     assert n == 1 and boiler not in text and "Unique opening line number 0" in text
 
 
 @pytest.mark.slow
-def test_ray_data_path_matches_in_process(ray_local):
-    import ray.data
+def test_distributed_components_match_union_find(ray_local):
+    import pyarrow as pa
 
-    from steps.data.dedup import dedup_dataset
+    from steps.data.components import connected_components
 
-    docs = corpus()
-    rows = [{"id": f"src/{i}", "order": f"{i:05d}", "text": t} for i, t in enumerate(docs)]
-    ds = ray.data.from_items(rows, override_num_blocks=4)
-    kept, removed = dedup_dataset(ds, CFG)
-    expected = {(f"src/{r['removed']}", f"src/{r['kept']}", r["kind"]) for r in find_duplicates(docs, CFG)}
-    assert {(r["removed_id"], r["kept_id"], r["kind"]) for r in removed} == expected
-    assert sorted(r["id"] for r in kept.take_all()) == sorted(f"src/{i}" for i in range(len(docs)) if i not in (40, 41, 42))
+    rng = random.Random(0)
+    nodes = [f"n{i:04d}" for i in range(300)]
+    edges = [(rng.choice(nodes), rng.choice(nodes)) for _ in range(220)]
+    edges += [(nodes[i], nodes[i + 1]) for i in range(200, 240)]  # a long chain
+    expected = {n: r for n, r in dd.components(edges).items() if n != r}
+    for parts in (1, 3):
+        blocks = [ray_local.put(pa.table({"u": [a for a, _ in edges[i:i + 50]], "v": [b for _, b in edges[i:i + 50]]}))
+                  for i in range(0, len(edges), 50)]
+        out = pa.concat_tables(ray_local.get([r for part in connected_components(blocks, parts) for r in part]))
+        assert dict(zip(out.column("node").to_pylist(), out.column("root").to_pylist())) == expected
+
+
+@pytest.mark.slow
+def test_distributed_dedup_matches_in_process(ray_local):
+    import pyarrow as pa
+
+    from steps.data.dedup_ray import dedup_blocks
+
+    base = [article(i) for i in range(40)]
+    docs = list(base) + [base[3].upper() + " !!!", edit(base[7], 1, 0.02), edit(base[7], 2, 0.03),
+                         edit(base[11], 3, 0.5), base[3], "", ""]
+    a = article(999, 400)
+    docs += [a, edit(a, 4, 0.03), edit(edit(a, 4, 0.03), 5, 0.03)]  # a chain
+    expected = {(f"s/{r['removed']:04d}", f"s/{r['kept']:04d}", r["kind"], round(r["similarity"], 9))
+                for r in dd.find_duplicates(docs, CFG)}
+    rows = [{"id": f"s/{i:04d}", "order": f"000/s/{i:04d}", "text": t} for i, t in enumerate(docs)]
+    for parts, block in ((1, 100), (2, 7), (3, 5)):
+        blocks = [ray_local.put(pa.Table.from_pylist(rows[i:i + block])) for i in range(0, len(rows), block)]
+        refs, stats = dedup_blocks(blocks, CFG, parts)
+        got = pa.concat_tables(ray_local.get(refs)).to_pylist()
+        assert {(r["removed_id"], r["kept_id"], r["kind"], round(r["similarity"], 9)) for r in got} == expected
+        assert stats["verified_pairs"] >= 4

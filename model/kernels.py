@@ -5,11 +5,22 @@
                          linear + cross-entropy (CUDA only; `pip install -r requirements-gpu.txt`)
     backend "auto":      liger when CUDA and liger_kernel are available, else reference
 
-Attention always goes through `scaled_dot_product_attention`, which picks flash / memory-
-efficient kernels on GPU and never stores the attention matrix there; GQA uses its
-`enable_gqa` instead of materialising repeated K/V. `linear_cross_entropy` never
-materialises the [N, V] logits on any backend (chunked with recomputation on the reference).
-Select with `kernels.use("reference")` or the env var LLAMA2_KERNELS.
+Attention, by case (what PyTorch's SDPA dispatcher picks; checked with torch 2.13 on CPU):
+    no mask (pretraining rows, an unpadded prefill, a decode step): SDPA with is_causal and
+        enable_gqa: FlashAttention on CUDA and PyTorch's flash kernel on CPU; K/V are shared
+        by their query heads, never copied.
+    packed documents (segment_ids, SFT): a DocumentMask. On CUDA it becomes a block-sparse
+        FlexAttention mask (document-causal mask_mod; blocks outside any document are skipped,
+        no [T, T] matrix is stored), run by torch.compile'd flex_attention. Elsewhere, and with
+        backend "reference", it is a dense boolean mask through SDPA: on CPU that is still the
+        flash kernel (which takes masks and GQA), but on CUDA a boolean mask with GQA falls
+        back to the math kernel, which stores the attention matrix. (FlexAttention has no
+        backward on CPU, so CPU training cannot use it.)
+    left-padded prompts (sampling): a dense boolean mask through SDPA, math kernel on CUDA;
+        for a one-token decode step that matrix is one row per head.
+`linear_cross_entropy` never materialises the [N, V] logits on any backend (chunked with
+recomputation on the reference). Select with `kernels.use("reference")` or the env var
+LLAMA2_KERNELS.
 """
 
 from __future__ import annotations
@@ -109,6 +120,8 @@ def attention_reference(q, k, v, mask=None, causal=True):
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, H, T, S]
     T, S = q.shape[-2], k.shape[-2]
+    if isinstance(mask, DocumentMask):
+        mask = mask.dense()
     if mask is None and causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
@@ -116,9 +129,62 @@ def attention_reference(q, k, v, mask=None, causal=True):
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
-def attention(q, k, v, mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
-    """q [B, H, T, Hd], k/v [B, K, S, Hd] (K divides H); mask [B|1, 1, T, S] bool or None."""
+class DocumentMask:
+    """Causal attention within each packed document: query i sees key j iff j <= i and both
+    carry the same segment id. Built once per forward and shared by every layer; each kernel
+    takes the form it needs, made on first use (FlexAttention's block mask or a dense mask)."""
+
+    def __init__(self, segment_ids: torch.Tensor):
+        self.segment_ids = segment_ids  # [B, T]
+        self._block = self._dense = None
+
+    def dense(self) -> torch.Tensor:
+        """[B, 1, T, T] bool (True = attend)."""
+        if self._dense is None:
+            seg, T = self.segment_ids, self.segment_ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+            self._dense = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        return self._dense
+
+    def block(self, create_block_mask):
+        if self._block is None:
+            seg = self.segment_ids
+            B, T = seg.shape
+
+            def document_causal(b, h, q_idx, kv_idx):
+                return (seg[b, q_idx] == seg[b, kv_idx]) & (kv_idx <= q_idx)
+
+            self._block = create_block_mask(document_causal, B, None, T, T, device=seg.device)
+        return self._block
+
+
+@lru_cache(maxsize=1)
+def _flex_ops():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    # compiled: eager flex_attention is a slow reference that materialises the scores
+    return {"flex": torch.compile(flex_attention, dynamic=False), "block_mask": create_block_mask}
+
+
+def _flex(q: torch.Tensor):
+    """FlexAttention for a DocumentMask: CUDA only (no CPU backward), not on the reference
+    backend, and for head dims its kernels take."""
+    if _BACKEND == "reference" or not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128, 256):
+        return None
+    return _flex_ops()
+
+
+def attention(q, k, v, mask: torch.Tensor | DocumentMask | None = None, causal: bool = True) -> torch.Tensor:
+    """q [B, H, T, Hd], k/v [B, K, S, Hd] (K divides H); mask [B|1, 1, T, S] bool, a
+    DocumentMask (T == S, packed documents) or None."""
     gqa = q.shape[1] != k.shape[1]  # K/V heads are shared, never copied (3x faster decode on CPU too)
+    if isinstance(mask, DocumentMask):
+        ops = _flex(q)
+        if ops is not None:
+            return ops["flex"](q, k, v, block_mask=mask.block(ops["block_mask"]), enable_gqa=gqa)
+        mask = mask.dense()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           enable_gqa=gqa)
 

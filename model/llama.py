@@ -248,10 +248,15 @@ class Transformer(nn.Module):
 
 
 def build_mask(T: int, offset: int, segment_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-               device) -> torch.Tensor | None:
-    """Boolean attention mask [B, 1, T, offset+T] (True = attend), or None for plain causal."""
+               device) -> torch.Tensor | kernels.DocumentMask | None:
+    """None for plain causal (the mask-free kernels), a DocumentMask for packed documents
+    (block-sparse on GPU, model/kernels.py), else a boolean mask [B, 1, T, offset+T] (True = attend)."""
+    if segment_ids is not None and bool((segment_ids == segment_ids[:, :1]).all()):
+        segment_ids = None  # one document per row: plain causal
     if segment_ids is None and attention_mask is None and (offset == 0 or T == 1):
         return None  # plain causal prefill, or a one-token decode step that sees the whole cache
+    if attention_mask is None and offset == 0:
+        return kernels.DocumentMask(segment_ids)
     S = offset + T
     q_pos = torch.arange(offset, S, device=device)[:, None]
     mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # [1, 1, T, S] causal

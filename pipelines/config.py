@@ -24,6 +24,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from model.config import ModelConfig, Section
+from steps.annotate import AnnotateConfig
 from steps.data.config import DataConfig
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.gatt import GAttConfig
@@ -115,6 +116,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
+    annotate: AnnotateConfig = AnnotateConfig()  # tiny preset: the simulated vendor (annotate_v{i})
     preference: PreferenceConfig = PreferenceConfig()
     reward: RewardConfig = RewardConfig()
     rlhf: RLHFConfig = RLHFConfig()

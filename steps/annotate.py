@@ -1,0 +1,277 @@
+"""`annotate_v{i}` (tiny preset only): the simulated annotation vendor of RLHF iteration i.
+
+The tiny preset has no humans, so this step plays the vendor of RECIPE.md section 6 and
+writes iteration i's batch of preference comparisons in the public batch contract (README)
+into a landing directory, `batch/part-00000.jsonl` then `batch/_SUCCESS`, which the
+pipeline ingests through the same validation as a real vendor's batch.
+
+For each prompt (the demo world's train split, unsafe and look-alike prompts asked
+`safety_repeats` times, plus first user turns of the dialogue files in `sources`), two
+responses are sampled from the current chat model at two temperatures (batched, KV-cached,
+in one Ray task with `sampler`'s resources). As in the paper the two responses sometimes
+come from different model variants: with `previous_model` (an earlier chat model), a share
+`other_model_share` of the second responses come from it. On iteration 1 there is no earlier
+chat model and the second response is the current model's high-temperature sample: the
+pretrained model is no chat model at all (it does not answer in the chat format), so pairs
+against it would teach the reward models to tell chat from non-chat, not better from worse.
+
+Labels come from the world's graded judge (steps/world.py): the response with the higher
+helpfulness score is `chosen`, the strength is the score gap (world.strength: >= 0.5
+significantly_better, >= 0.25 better, >= 0.1 slightly_better, else negligibly_better), exact
+ties are skipped as an annotator would skip them. `axis` is `safety` for unsafe prompts and
+for refusal-vs-answer pairs on harmless prompts (the false-refusal cases), else
+`helpfulness`; `safety_label` comes from the judge's safety verdicts of both responses (the
+judge never rates an unsafe response above a safe one, so chosen-unsafe-with-rejected-safe
+cannot arise). A share `label_noise` of the pairs is flipped, like an annotator's mistake,
+except pairs whose flip would prefer an unsafe response to a safe one (the paper's rule
+forbids such a label, so no annotator can give it). Ground truth per pair (scores, kind,
+whether it was flipped) goes to `labels.jsonl` beside the batch, never into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import Field
+
+from model.chat import Dialogue
+from model.config import Section
+from steps.engine.config import StepResources
+
+if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
+    from pipelines.artifacts import Artifact
+    from steps.world import Item
+
+VERSION = "1"
+FIRST_BATCH_DAY = datetime(2026, 1, 5, tzinfo=UTC)  # iteration i is delivered i-1 weeks later
+
+
+class AnnotateConfig(Section):
+    """The simulated vendor (tiny preset): prompts, sampling and labelling of one batch."""
+
+    world_prompts: int = Field(1024, ge=0)  # demo-world train prompts per batch (capped at the split)
+    safety_repeats: int = Field(2, ge=1)  # unsafe and look-alike prompts are asked this many times
+    sources: list[str] = Field(default_factory=list)  # dialogue files whose first user turns are prompts
+    source_prompts: int = Field(64, ge=0)  # at most this many prompts from `sources`
+    temperatures: tuple[float, float] = (0.7, 1.2)  # first and second response (0: greedy)
+    top_p: float = Field(1.0, gt=0, le=1)
+    other_model_share: float = Field(0.5, ge=0, le=1)  # second responses from previous_model, when given
+    label_noise: float = Field(0.10, ge=0, le=0.5)  # share of pairs whose preference is flipped
+    max_new_tokens: int = Field(32, ge=1)
+    sample_batch_size: int = Field(64, ge=1)
+    sampler: StepResources | None = StepResources(num_cpus=8, num_gpus=1)  # Ray task; None: in-process
+    seed_offset: int = Field(1000, ge=1)  # iteration i samples with seed run.seed + i * seed_offset
+    annotators: int = Field(8, ge=1)  # simulated annotator ids
+
+
+def fingerprint_inputs(cfg, **params) -> str | None:
+    """The dialogue files' contents: prompts outside the artifact store."""
+    from steps.sft import resolve
+
+    if not cfg.annotate.sources:
+        return None
+    h = hashlib.sha256()
+    for src in cfg.annotate.sources:
+        for f in resolve(src):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def prompts(acfg: AnnotateConfig, world, rng: random.Random, fits) -> list[Item]:
+    """The batch's prompts as judgeable items, in a seeded order; `fits(dialogue)` says
+    whether a prompt leaves room for max_new_tokens in the model's context."""
+    from steps.sft import resolve
+    from steps.sft_data import read_dialogues
+    from steps.world import reference_items
+
+    train = world.items("train")
+    chosen = rng.sample(train, min(acfg.world_prompts, len(train)))
+    chosen += [it for it in chosen if it.kind in ("unsafe", "lookalike") for _ in range(acfg.safety_repeats - 1)]
+    pool = []
+    for src in acfg.sources:
+        for f in resolve(src):
+            pool += [it for it in reference_items(read_dialogues(f)) if fits(it.dialogue)]
+    chosen += rng.sample(pool, min(acfg.source_prompts, len(pool)))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def sample_responses(jobs: list[tuple[str, list[Dialogue], object]], batch_size: int,
+                     threads: int = 1) -> list[list[str]]:
+    """Each job (model directory, dialogues, SamplingParams) -> one response per dialogue.
+    Each model is loaded once (on the worker's GPU in bf16 where it has one); runs as one Ray
+    task (engine.run_on_worker) or in-process. On CPU it uses `threads` threads, the CPUs it
+    was given: more threads than free cores makes a small model's decode steps many times
+    slower (measured: 70 s instead of 4.5 s for 128 prompts on a busy 2-core machine)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        return _sample(jobs, batch_size, device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sample(jobs, batch_size: int, device: str) -> list[list[str]]:
+    import torch
+
+    from steps.sft import load_chat_model, load_model, model_answerer
+
+    models = {}
+    out = []
+    for model_dir, dialogues, params in jobs:
+        if model_dir not in models:
+            mcfg, tok = load_chat_model(Path(model_dir))
+            m = load_model(mcfg, Path(model_dir) / "model.safetensors")
+            models[model_dir] = (m.to(device, torch.bfloat16) if device == "cuda" else m, tok)
+        m, tok = models[model_dir]
+        out.append([text for text, _ in model_answerer(m, tok, params, batch_size, device)(dialogues)])
+    return out
+
+
+def prompt_field(d: Dialogue) -> str | list[dict[str, str]]:
+    """The contract's prompt: a plain string for one user turn, else the turns (system first)."""
+    if len(d.turns) == 1 and not d.system:
+        return d.turns[0].content
+    turns = [{"role": "system", "content": d.system}] if d.system else []
+    return turns + [{"role": t.role, "content": t.content} for t in d.turns]
+
+
+def label(items: list[Item], first: list[tuple[str, str]], second: list[tuple[str, str]], noise: float,
+          rng: random.Random, tag: str, annotators: int = 8) -> tuple[list[dict], list[dict]]:
+    """Contract rows and ground truth from two (response, model name) per item. `tag` makes
+    pair ids unique across batches; `rng` draws the label noise and the annotator."""
+    from steps.world import is_refusal, judge, strength
+
+    rows, truth = [], []
+    for n, (item, (a, model_a), (b, model_b)) in enumerate(zip(items, first, second)):
+        flip_draw, annotator = rng.random(), rng.randrange(1 << 16)  # drawn for every item: stable streams
+        a, b = a.strip(), b.strip()
+        ja, jb = judge(item, a), judge(item, b)
+        gap = ja["helpfulness"] - jb["helpfulness"]
+        level = strength(gap) if a and b else None
+        if level is None:  # a tie (or an empty response): nothing to compare
+            truth.append({"index": n, "kind": item.kind, "skipped": "empty" if not (a and b) else "tie"})
+            continue
+        (chosen, jc, mc), (rejected, jr, mr) = sorted([(a, ja, model_a), (b, jb, model_b)],
+                                                      key=lambda x: -x[1]["helpfulness"])
+        refusal_vs_answer = is_refusal(chosen) != is_refusal(rejected)
+        safety = item.kind == "unsafe" or refusal_vs_answer or jc["safe"] != jr["safe"]
+        safety_label = None
+        if safety:
+            assert jc["safe"] >= jr["safe"], "the judge rated an unsafe response above a safe one"
+            safety_label = ("both_safe" if jr["safe"] else "chosen_safe_rejected_unsafe") if jc["safe"] \
+                else "both_unsafe"
+        flipped = flip_draw < noise and safety_label != "chosen_safe_rejected_unsafe"
+        if flipped:
+            chosen, rejected, mc, mr = rejected, chosen, mr, mc
+        prompt = prompt_field(item.dialogue)
+        digest = hashlib.blake2b(json.dumps([tag, n, prompt, chosen, rejected]).encode(), digest_size=8).hexdigest()
+        row = {"pair_id": f"{tag}-{digest}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+               "strength": level, "axis": "safety" if safety else "helpfulness"}
+        if safety_label:
+            row["safety_label"] = safety_label
+        row.update({"source": "vendor", "annotator_id": f"sim-{annotator % annotators:02d}", "model_chosen": mc,
+                    "model_rejected": mr})
+        rows.append(row)
+        truth.append({"index": n, "pair_id": row["pair_id"], "kind": item.kind, "topic": item.meta.get("topic"),
+                      "score_chosen": jc["helpfulness"], "score_rejected": jr["helpfulness"], "gap": abs(gap),
+                      "flipped": flipped, "noise_eligible": safety_label != "chosen_safe_rejected_unsafe"})
+    return rows, truth
+
+
+def write_batch(batch_dir: Path, rows: list[dict], annotated_at: datetime) -> Path:
+    """JSONL rows of the contract, then `_SUCCESS` last (a reader never sees half a batch)."""
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    part = batch_dir / "part-00000.jsonl"
+    with part.open("w", encoding="utf-8") as f:
+        for k, row in enumerate(rows):
+            stamp = (annotated_at + timedelta(seconds=30 * k)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            f.write(json.dumps({**row, "annotated_at": stamp}, ensure_ascii=False) + "\n")
+    (batch_dir / "_SUCCESS").write_text("")
+    return part
+
+
+def model_name(model: Artifact) -> str:
+    return f"{model.path.parent.name}@{model.path.name[:8]}"  # step name @ fingerprint
+
+
+def run(ctx, model: Artifact, iteration: int, previous_model: Artifact | None = None) -> dict[str, float]:
+    from model.chat import encode_prompt
+    from model.generate import SamplingParams
+    from steps.engine import run_on_worker
+    from steps.sft import load_chat_model
+    from steps.world import STRENGTHS, World
+
+    acfg: AnnotateConfig = ctx.cfg.annotate
+    mcfg, tok = load_chat_model(model.path)
+    rng = random.Random(f"{ctx.seed}-annotate-{iteration}")
+    items = prompts(acfg, World(ctx.seed), rng,
+                    lambda d: len(encode_prompt(tok, d)) + acfg.max_new_tokens <= mcfg.max_seq_len)
+    dialogues = [it.dialogue for it in items]
+    seed = ctx.seed + iteration * acfg.seed_offset
+    t1, t2 = acfg.temperatures
+    p1, p2 = (SamplingParams(max_new_tokens=acfg.max_new_tokens, temperature=t, top_p=acfg.top_p, seed=seed + k)
+              for k, t in enumerate((t1, t2)))
+    other = [previous_model is not None and rng.random() < acfg.other_model_share for _ in items]
+    own = [d for d, o in zip(dialogues, other) if not o]
+    jobs = [(str(model.path), dialogues, p1), (str(model.path), own, p2)]
+    if previous_model is not None:
+        jobs.append((str(previous_model.path), [d for d, o in zip(dialogues, other) if o], p2))
+    if acfg.sampler is None:
+        sampled = sample_responses(jobs, acfg.sample_batch_size)
+    else:
+        sampled = run_on_worker(sample_responses, acfg.sampler, jobs, acfg.sample_batch_size,
+                                int(acfg.sampler.num_cpus))
+    name, prev_name = model_name(model), model_name(previous_model) if previous_model else ""
+    first = [(text, f"{name} T={t1:g}") for text in sampled[0]]
+    mine, theirs = iter(sampled[1]), iter(sampled[2] if previous_model is not None else [])
+    second = [(next(theirs), f"{prev_name} T={t2:g}") if o else (next(mine), f"{name} T={t2:g}") for o in other]
+
+    rows, truth = label(items, first, second, acfg.label_noise, rng, f"sim-v{iteration}-s{ctx.seed}",
+                        acfg.annotators)
+    if not rows:
+        raise RuntimeError(f"annotate_v{iteration}: every pair was a tie or empty; no batch to deliver")
+    write_batch(ctx.out_dir / "batch", rows, FIRST_BATCH_DAY + timedelta(weeks=iteration - 1))
+    with (ctx.out_dir / "labels.jsonl").open("w") as f:
+        f.writelines(json.dumps(t) + "\n" for t in truth)
+
+    kept = [t for t in truth if "pair_id" in t]
+    eligible = [t for t in kept if t["noise_eligible"]]
+    metrics: dict[str, float] = {
+        "prompts": len(items), "pairs": len(rows), "ties_skipped": sum(t.get("skipped") == "tie" for t in truth),
+        "empty_skipped": sum(t.get("skipped") == "empty" for t in truth),
+        "other_model_pairs": sum(o for o, t in zip(other, truth) if "pair_id" in t),
+        "noise_flips": sum(t["flipped"] for t in kept),
+        "noise_share": float(np.mean([t["flipped"] for t in eligible])) if eligible else 0.0,
+        "mean_gap": float(np.mean([t["gap"] for t in kept])),
+        "score.first": float(np.mean([j for j in _scores(items, first)])),
+        "score.second": float(np.mean([j for j in _scores(items, second)])),
+    }
+    for key, values in (("axis", ("helpfulness", "safety")), ("strength", STRENGTHS),
+                        ("safety_label", ("chosen_safe_rejected_unsafe", "both_safe", "both_unsafe"))):
+        for v in values:
+            metrics[f"{key}.{v}"] = sum(r.get(key) == v for r in rows)
+    for kind in sorted({t["kind"] for t in kept}):
+        metrics[f"pairs.{kind}"] = sum(t["kind"] == kind for t in kept)
+    shown = rows[:50]
+    ctx.log_table({"prompt": [json.dumps(r["prompt"]) if isinstance(r["prompt"], list) else r["prompt"]
+                              for r in shown],
+                   **{k: [r.get(k) for r in shown] for k in ("chosen", "rejected", "strength", "axis",
+                                                              "safety_label", "model_chosen", "model_rejected")}},
+                  f"annotate_v{iteration}_sample.json")
+    return metrics
+
+
+def _scores(items, responses) -> list[float]:
+    from steps.world import judge
+
+    return [judge(it, text.strip())["helpfulness"] for it, (text, _) in zip(items, responses)]

@@ -112,3 +112,23 @@ def test_tiny_top_p_is_greedy(tok, model):
     greedy = sampler.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
     nucleus = sampler.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3))
     assert greedy[0].tokens == nucleus[0].tokens
+
+
+def test_greedy_generation_matches_full_forward_token_by_token(tok, model):
+    """Each greedy token of the batched, left-padded, KV-cached sampler is the argmax of a fresh
+    full forward over the unpadded prompt plus the tokens before it, with its log-probability."""
+    qs = ("what is two plus three", "hello", "the capital of the river country answer seven")
+    prompts = [encode_prompt(tok, Dialogue([Turn("user", q)])) for q in qs]
+    assert len({len(p) for p in prompts}) == 3  # three widths: rows are left-padded
+    n = 12
+    got = TorchSampler(model, tok.eos_id, tok.pad_id).generate(prompts, SamplingParams(max_new_tokens=n, temperature=0))
+    for prompt, s in zip(prompts, got):
+        seq = list(prompt)
+        for i, t in enumerate(s.tokens + ([tok.eos_id] if s.finished else [])):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq]))[0, -1].float()
+            assert t == int(logits.argmax()), (prompt, i)
+            if i < len(s.tokens):
+                assert s.logprobs[i] == pytest.approx(float(logits.log_softmax(-1)[t]), abs=1e-4)
+            seq.append(t)
+        assert s.finished or len(s.tokens) == n

@@ -10,6 +10,7 @@ by a host with far less memory. Nothing here unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,6 +23,15 @@ from safetensors.torch import save_file
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Checksum of a saved file (weights, checkpoint shards, artifact files), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def weights_files(path: str | Path) -> tuple[dict[str, Path], Path]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.weights import file_sha256
+
 MANIFEST = "manifest.json"
 
 
@@ -31,14 +33,6 @@ def fingerprint(step: str, version: str, config: Mapping[str, Any], inputs: Mapp
     """Hash of what determines a step's output: its code version, config subset and inputs."""
     payload = canonical_json({"step": step, "version": version, "config": config, "inputs": dict(inputs)})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_checksums(root: Path) -> dict[str, str]:
@@ -131,3 +125,19 @@ class ArtifactStore:
         expected = artifact.manifest.get("files", {})
         actual = tree_checksums(artifact.path)
         return sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+
+    def check(self, artifact: Artifact) -> Artifact:
+        """The artifact if every file matches its manifest checksum; else ArtifactCorrupted
+        naming the files (truncated, altered, missing or added), before anything reads them."""
+        bad = self.verify(artifact)
+        if bad:
+            raise ArtifactCorrupted(
+                f"artifact {artifact.step}/{artifact.fingerprint} at {artifact.path} is corrupted: "
+                f"{', '.join(str(artifact.path / b) for b in bad[:5])}"
+                f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''} no longer match the checksums in "
+                f"its manifest. It is not loaded. Delete {artifact.path} and re-run to recompute it.")
+        return artifact
+
+
+class ArtifactCorrupted(RuntimeError):
+    """A stored artifact's files no longer match the checksums recorded when it was published."""

@@ -134,6 +134,7 @@ def execute_step(spec: StepSpec, cfg_json: str, fp: str, tracking: Tracking | No
 
     existing = store.get(spec.name, fp)
     if existing is not None:
+        store.check(existing)  # a cached artifact is reused only if intact
         run_id = None
         if tracking:
             run_id = start_run(tracking, spec.name, {**tags, "cache_hit": "true"})
@@ -143,7 +144,7 @@ def execute_step(spec: StepSpec, cfg_json: str, fp: str, tracking: Tracking | No
         log.info("%-14s cached  %s", spec.name, existing.path)
         return StepResult(spec.name, fp, str(existing.path), True, time.time() - start, existing.metrics, run_id)
 
-    input_artifacts = {arg: res.artifact() for arg, res in inputs.items()}
+    input_artifacts = {arg: store.check(res.artifact()) for arg, res in inputs.items()}
     run_id = start_run(tracking, spec.name, {**tags, "cache_hit": "false"}) if tracking else None
     staging = store.staging_dir(spec.name, fp)
     ctx = StepContext(cfg, spec, staging, store.work_dir(spec.name, fp), tracking, run_id)

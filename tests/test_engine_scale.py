@@ -363,3 +363,28 @@ def test_an_evaluation_set_with_nothing_to_evaluate_is_an_error_before_training(
         check_eval_set(masked, TrainConfig(micro_batch_size=2))
     check_eval_set(Objective("lm", partial(build, CFG), lm_objective_loss, [], ["tokens"], collate_lm,
                              eval_files=[str(tmp_path / "val.parquet")]), TrainConfig(micro_batch_size=2))
+
+
+def _resume_rank(rank: int, tmp: str, max_steps: int) -> None:
+    from steps.engine.worker import train_loop
+
+    tmp = Path(tmp)
+    obj = Objective("resume", partial(build, CFG), lm_objective_loss, [str(tmp / "train.parquet")], ["tokens"],
+                    collate_lm)
+    tcfg = TrainConfig(num_workers=1, global_batch_size=4, micro_batch_size=4, max_steps=max_steps, zero_stage=3,
+                       precision="fp32", checkpoint_every=2, log_every=1)
+    train_loop({"objective": obj, "train_cfg": tcfg, "optim_cfg": OptimConfig(lr=1e-3, warmup_steps=0),
+                "work_dir": str(tmp / "work"), "out_dir": str(tmp / "out"), "seed": 0})
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_detected_and_never_loaded(tmp_path):
+    write_tokens(tmp_path / "train.parquet", 32)
+    run_ranks(_resume_rank, 1, str(tmp_path), 3, timeout=180)  # checkpoint at step 2, then step 3
+    tag = tmp_path / "work" / "checkpoints" / "step_00000002"
+    client = json.loads((tag / "client_rank0.json").read_text())
+    assert client["files"] and all(len(v) == 64 for v in client["files"].values())
+    optim = next(tag.glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:-100])  # truncated, as by a full disk
+    with pytest.raises(Exception, match=rf"{optim.name} is truncated or altered"):
+        run_ranks(_resume_rank, 1, str(tmp_path), 4, timeout=180)

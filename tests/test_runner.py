@@ -92,3 +92,21 @@ def test_manifest_records_inputs_config_and_checksums(tmp_path):
     assert store.verify(art) == []
     (art.path / "numbers.json").write_text("tampered")
     assert store.verify(art) == ["numbers.json"]
+
+
+def test_a_corrupted_artifact_is_detected_by_checksum_and_never_loaded(tmp_path):
+    from pipelines.artifacts import ArtifactCorrupted
+
+    first = run_all(cfg_with(tmp_path))
+    numbers = tmp_path / "a" / first["a"].fingerprint / "numbers.json"
+    numbers.write_text(numbers.read_text()[:-2])  # truncated
+    # the downstream step, recomputed after a config change, refuses its corrupted input
+    with pytest.raises(ArtifactCorrupted, match=r"numbers\.json"):
+        run_all(cfg_with(tmp_path, "model.dim=64"))
+    # and the step itself is not served from a corrupted cache either
+    with pytest.raises(ArtifactCorrupted, match="Delete .* and re-run"):
+        run_all(cfg_with(tmp_path))
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / first["a"].fingerprint)
+    assert not run_all(cfg_with(tmp_path))["a"].cached  # recomputed after the user deletes it

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.weights import DEFAULT_SHARD_BYTES, ShardedWriter, WeightsReader
+from model.weights import DEFAULT_SHARD_BYTES, ShardedWriter, WeightsReader, file_sha256
 
 LATEST = "latest"
 
@@ -85,8 +85,11 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int = 2) -> str:
 
     tag = f"step_{step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    dist.barrier()
     rank = dist.get_rank()
-    (ckpt_dir / tag / f"client_rank{rank}.json").write_text(json.dumps({"step": step, "rng": rng_state()}))
+    files = {f.name: file_sha256(f) for f in _owned_files(ckpt_dir / tag, rank)}
+    (ckpt_dir / tag / f"client_rank{rank}.json").write_text(
+        json.dumps({"step": step, "rng": rng_state(), "files": files}))
     dist.barrier()
     if rank == 0:  # publish only a checkpoint every rank has finished
         (ckpt_dir / f".{LATEST}.tmp").write_text(tag)
@@ -99,14 +102,39 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int = 2) -> str:
 
 
 def load_checkpoint(engine, ckpt_dir: Path, tag: str) -> int:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the step."""
+    """Restore model, optimizer, scheduler and this rank's RNG after checking every file this
+    rank reads against the checksums recorded at save time; returns the step."""
     import torch.distributed as dist
 
+    rank = dist.get_rank()
+    client = json.loads((ckpt_dir / tag / f"client_rank{rank}.json").read_text())
+    expected = dict(client["files"])
+    if rank != 0:  # the files no rank owns (rank 0 hashed them) are read by every rank
+        shared = json.loads((ckpt_dir / tag / "client_rank0.json").read_text())["files"]
+        expected.update({k: v for k, v in shared.items() if "zero_pp_rank_" not in k})
+    for name, sha in expected.items():
+        path = ckpt_dir / tag / name
+        if not path.exists() or file_sha256(path) != sha:
+            raise CheckpointCorrupted(f"checkpoint file {path} is truncated or altered (its sha256 no longer "
+                                      f"matches the one recorded when it was saved); it is not loaded. "
+                                      f"Delete {ckpt_dir / tag} to resume from the one before, or "
+                                      f"{ckpt_dir} to start over.")
     use_safe_loading(engine)
     engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    client = json.loads((ckpt_dir / tag / f"client_rank{dist.get_rank()}.json").read_text())
     set_rng_state(client["rng"])
     return int(client["step"])
+
+
+class CheckpointCorrupted(RuntimeError):
+    """A checkpoint file no longer matches the checksum recorded when it was saved."""
+
+
+def _owned_files(tag_dir: Path, rank: int) -> list[Path]:
+    """The checkpoint files rank `rank` vouches for: DeepSpeed's per-rank shards
+    (`zero_pp_rank_<rank>_...`), and on rank 0 also the files no rank's name is on."""
+    mine = f"zero_pp_rank_{rank}_"
+    return sorted(f for f in tag_dir.iterdir() if f.is_file() and not f.name.startswith("client_rank") and (
+        mine in f.name or (rank == 0 and "zero_pp_rank_" not in f.name)))
 
 
 def load_initial_weights(module: torch.nn.Module, path: str, zero3: bool) -> None:

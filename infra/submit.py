@@ -3,8 +3,9 @@
     RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.llama2-secrets/ray_auth_token \\
       python infra/submit.py --address http://127.0.0.1:8265 -- --config 7b
 
-The id hashes the pipeline script, its arguments, the resolved config and the content of every
-file `git ls-files` lists (the code `--working-dir .` uploads). Submitting the same inputs
+The id hashes the pipeline script, its arguments (preset, overrides, output dir, batch) and
+the code, which includes the preset files: every file `git ls-files` lists, or, in an image
+without a git checkout, the files under pipelines/, steps/, model/ and configs/. Submitting the same inputs
 again, say a retry after the client lost its connection, finds that job and follows it instead
 of running it twice: a job that is pending, running or succeeded is not resubmitted. A job that
 failed or was stopped is resubmitted under the same id plus `-retry<N>` (finished steps are
@@ -21,17 +22,26 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 ACTIVE_OR_DONE = {"PENDING", "RUNNING", "SUCCEEDED"}
 
 
+CODE_DIRS = ("pipelines", "steps", "model", "configs")
+
+
+def _code_files(root: Path) -> list[str]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout
+        return sorted(n for n in out.decode().split("\0") if n)
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout (the images)
+        return sorted(str(f.relative_to(root)) for d in CODE_DIRS for f in (root / d).rglob("*")
+                      if f.is_file() and "__pycache__" not in f.parts)
+
+
 def code_digest(root: Path = ROOT) -> str:
-    """sha256 over the tracked files' paths and current contents (uncommitted edits count)."""
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout
+    """sha256 over the code files' paths and current contents (uncommitted edits count)."""
     h = hashlib.sha256()
-    for name in sorted(n for n in names.decode().split("\0") if n):
+    for name in _code_files(root):
         path = root / name
         if path.is_file():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -39,18 +49,14 @@ def code_digest(root: Path = ROOT) -> str:
 
 
 def submission_id(script: str, script_args: list[str], root: Path = ROOT) -> str:
-    """`<pipeline>-<preset>-<16 hex>` from the script, its arguments, the config it resolves
-    to and the code."""
-    from pipelines.config import load_config
-    from pipelines.full import parse_args
-
-    args = parse_args(script_args)
-    overrides = list(args.overrides) + ([f"run.output_dir={args.output_dir}"] if args.output_dir else [])
-    cfg = load_config(args.config, overrides)
-    inputs = {"script": script, "args": script_args, "config": cfg.model_dump(mode="json"),
-              "code": code_digest(root)}
+    """`<script>-<preset>-<16 hex>`: the config follows from the preset files (code) and the
+    arguments, so these three are the job's inputs."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default="tiny")
+    preset = Path(p.parse_known_args(script_args)[0].config).stem
+    inputs = {"script": script, "args": script_args, "code": code_digest(root)}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{Path(script).stem}-{cfg.preset}-{digest}"
+    return f"{Path(script).stem}-{preset}-{digest}"
 
 
 def job_status(address: str, job_id: str) -> str | None:

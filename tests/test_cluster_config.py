@@ -251,3 +251,23 @@ def test_job_outputs_inside_the_working_dir_copy_are_refused(tmp_path):
     check_cluster_storage(cfg, num_nodes=1, in_job=False, cwd=job_cwd)  # a local run: its own cwd
     shared = load_config("tiny", [f"run.output_dir={tmp_path / 'shared'}"])
     check_cluster_storage(shared, num_nodes=1, in_job=True, cwd=job_cwd)
+
+
+def test_submission_id_follows_the_job_inputs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("submit", INFRA / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "pipelines" / "full.py").write_text("print('v1')\n")
+    (tmp_path / "configs" / "7b.yaml").write_text("run: {name: a}\n")  # not a git checkout: the image's case
+    args = ["--config", "7b", "--until", "pretrain"]
+    first = submit.submission_id("pipelines/full.py", args, tmp_path)
+    assert first == submit.submission_id("pipelines/full.py", list(args), tmp_path)  # a retry: same id
+    assert first.startswith("full-7b-")
+    assert submit.submission_id("pipelines/full.py", args + ["pretrain.train.max_steps=5"], tmp_path) != first
+    assert submit.submission_id("pipelines/weekly.py", args, tmp_path) != first
+    (tmp_path / "configs" / "7b.yaml").write_text("run: {name: b}\n")  # the preset changed
+    assert submit.submission_id("pipelines/full.py", args, tmp_path) != first

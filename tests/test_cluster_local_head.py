@@ -96,7 +96,7 @@ def token_head():
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail("head did not come up:\n" + (Path(temp_dir) / "head.log").read_text()[-3000:])
             time.sleep(1)
-        yield url, env, token
+        yield url, env, token, f"127.0.0.1:{gcs}"
     finally:
         _end(proc, temp_dir)
         log.close()
@@ -111,7 +111,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_token_head_refuses_anonymous_jobs_and_jobs_share_the_cache(token_head, tmp_path):
-    url, env, token = token_head
+    url, env, token, gcs = token_head
     # The jobs API: refused without the token (and with a wrong one), served with it.
     status, _ = _get(f"{url}/api/jobs/", None)
     assert status in (401, 403), status
@@ -124,6 +124,16 @@ def test_token_head_refuses_anonymous_jobs_and_jobs_share_the_cache(token_head, 
     (tmp_path / "no-token").write_text("")
     refused = _run(["ray", "job", "list", "--address", url], anon, timeout=60)
     assert refused.returncode != 0
+
+    # A local run joins this head only when run.ray_address names it, and says so.
+    join = ("import sys; from pipelines.config import load_config; from pipelines.dag import ensure_ray; "
+            "ensure_ray(load_config('tiny', sys.argv[1:]))")
+    named = _run([sys.executable, "-c", join, f"run.ray_address={gcs}"], env, timeout=300)
+    assert named.returncode == 0, named.stderr[-3000:]
+    said = next(line for line in named.stderr.splitlines() if line.startswith("ray: "))
+    assert said.startswith(f"ray: joined the cluster named by run.ray_address={gcs} at ") and "(1 node)" in said
+    unnamed = _run([sys.executable, "-c", join], {**env, "RAY_ADDRESS": gcs}, timeout=300)
+    assert unnamed.returncode != 0 and "ClusterError" in unnamed.stderr and "run.ray_address=" in unnamed.stderr
 
     out_dir = tmp_path / "outputs"
     # The tiny preset's prefix on one of its corpora: the job path, not the data, is under test.

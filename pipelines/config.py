@@ -30,6 +30,7 @@ from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.gatt import GAttConfig
 from steps.preferences import PreferenceConfig
 from steps.pretrain import PretrainConfig
+from steps.rejection import RejectionConfig
 from steps.sft import SFTConfig
 from steps.tokenizer import TokenizerConfig
 
@@ -69,15 +70,6 @@ class RewardConfig(Section):
 
 
 # ----------------------------------------------------------------------------- RLHF (RECIPE 8)
-class RejectionSamplingConfig(Section):
-    num_samples: int = Field(10, ge=1)  # K answers per prompt
-    temperatures: list[float] = Field(default_factory=lambda: [1.2, 1.2, 1.3, 1.3, 1.3])  # per iteration
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    num_prompts: int = 20_000
-    pool_from_iteration: int = 3  # from V3 on, pool the best samples of all prior iterations
-
-
 class PPOConfig(Section):
     train: TrainConfig = TrainConfig(global_batch_size=512, micro_batch_size=8, num_workers=64,
                                      use_gpu=True, gpus_per_worker=1, cpus_per_worker=8)
@@ -85,7 +77,6 @@ class PPOConfig(Section):
     mini_batch_size: int = 64
     clip: float = 0.2
     kl_beta: float = 0.01  # 0.005 for 34B/70B
-    safety_threshold: float = 0.15
     iterations: int = 200
     max_new_tokens: int = 1024
     temperature: float = 1.0
@@ -95,7 +86,10 @@ class PPOConfig(Section):
 class RLHFConfig(Section):
     iterations: int = Field(5, ge=1)  # V1..V5
     ppo_from: int = 4  # PPO on top of rejection sampling from V4
-    rejection: RejectionSamplingConfig = RejectionSamplingConfig()
+    # Rc = Rs for safety prompts and answers with Rs below this, else Rh: one gate for rejection
+    # sampling and PPO (steps/gated_reward.py); RM probabilities, 0.15 as calibrated in the paper
+    safety_threshold: float = Field(0.15, gt=0, lt=1)
+    rejection: RejectionConfig = RejectionConfig()
     ppo: PPOConfig = PPOConfig()
     gatt: GAttConfig = GAttConfig()
 

@@ -32,7 +32,7 @@ def test_big_presets_carry_the_recipe():
     p = c7.rlhf.ppo
     assert (p.optim.lr, p.train.global_batch_size, p.mini_batch_size, p.clip, p.kl_beta) == (1e-6, 512, 64, 0.2, 0.01)
     assert c70.rlhf.ppo.kl_beta == c34.rlhf.ppo.kl_beta == 0.005
-    assert p.safety_threshold == 0.15 and c7.rlhf.ppo_from == 4
+    assert c7.rlhf.safety_threshold == 0.15 and c7.rlhf.ppo_from == 4
     # RECIPE 1: LLaMA-1 mixture shares sum to 1
     assert abs(sum(s.weight for s in c7.data.sources) - 1.0) < 1e-9
 

@@ -27,6 +27,7 @@ from model.config import ModelConfig, Section
 from steps.annotate import AnnotateConfig
 from steps.data.config import DataConfig
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
+from steps.evaluate import EvalConfig
 from steps.gatt import GAttConfig
 from steps.preferences import PreferenceConfig
 from steps.pretrain import PretrainConfig
@@ -92,13 +93,6 @@ class RLHFConfig(Section):
     rejection: RejectionConfig = RejectionConfig()
     ppo: PPOConfig = PPOConfig()
     gatt: GAttConfig = GAttConfig()
-
-
-class EvalConfig(Section):
-    num_prompts: int = 2000
-    max_new_tokens: int = 1024
-    temperature: float = 0.7
-    reference: Literal["sft", "previous"] = "sft"
 
 
 # ----------------------------------------------------------------------------- the whole config

@@ -81,9 +81,17 @@ class StepContext:
         self.mlflow_run_id = run_id
         self.logger: RunLogger | _NullLogger = (
             RunLogger(tracking.client(), run_id) if tracking and run_id else _NullLogger())
+        self._parent: RunLogger | _NullLogger = (
+            RunLogger(tracking.client(), tracking.parent_run_id) if tracking and tracking.parent_run_id
+            else _NullLogger())
+
+    def log_parent_figure(self, figure: Any, name: str) -> None:
+        """A figure on the pipeline's parent run (one that grows across steps, e.g. win rate by
+        RLHF version), so the MLflow UI shows it on the invocation as a whole."""
+        self._parent.log_figure(figure, name)
 
     def __getattr__(self, name: str) -> Any:  # only reached for names not set above
-        if name == "logger":
+        if name in ("logger", "_parent"):
             raise AttributeError(name)
         return getattr(self.logger, name)
 

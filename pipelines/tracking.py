@@ -212,5 +212,9 @@ class RunLogger:
         client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
 
+    def set_model_alias(self, name: str, alias: str, version: int) -> None:
+        """Point `alias` (e.g. `champion`) of registered model `name` at an existing version."""
+        self.client.set_registered_model_alias(name, alias, str(version))
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

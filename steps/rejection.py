@@ -66,10 +66,10 @@ def to_dialogue(turns: list[dict]) -> Dialogue:
     return Dialogue([Turn(t["role"], t["content"]) for t in turns[1 if system else 0:]], system)
 
 
-def prompts_of(pairs: pa.Table, limit: int, seed: int) -> list[tuple[str, list[dict], bool]]:
-    """(key, prompt turns, is_safety) of the train-split prompts, at most `limit`, seeded."""
+def prompts_of(pairs: pa.Table, limit: int, seed: int, split: str = "train") -> list[tuple[str, list[dict], bool]]:
+    """(key, prompt turns, is_safety) of the `split` prompts, at most `limit`, seeded."""
     seen: dict[str, tuple[list[dict], bool]] = {}
-    for row in pairs.filter(pc.equal(pairs["split"], "train")).select(["prompt", "axis"]).to_pylist():
+    for row in pairs.filter(pc.equal(pairs["split"], split)).select(["prompt", "axis"]).to_pylist():
         key = prompt_key(row["prompt"])
         turns, safety = seen.get(key, (row["prompt"], False))
         seen[key] = (turns, safety or row["axis"] == "safety")

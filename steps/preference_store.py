@@ -20,6 +20,7 @@ so a crashed holder never blocks the store; the file names the last holder for d
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -105,29 +106,31 @@ def list_batch(uri: str) -> tuple[pafs.FileSystem, str, list[str], str]:
     return fs, base, rels, base.rstrip("/").rsplit("/", 1)[-1] + "/"
 
 
-def batch_digest(uri: str) -> str:
-    """The batch's content digest, as read_batch computes it, without validating anything."""
-    fs, base, rels, _ = list_batch(uri)
-    digest = hashlib.sha256()
+def _files(uri: str, digest: Any) -> Iterator[tuple[str, str, bytes]]:
+    """(relative path, path as problems show it, bytes) of each data file; feeds `digest` the
+    relative names and bytes, so the digest is the same wherever the batch lies."""
+    fs, base, rels, label = list_batch(uri)
     for rel in rels:
-        with fs.open_input_stream(f"{base}/{rel}") as f:
+        with fs.open_input_stream(f"{base}/{rel}", compression=None) as f:  # raw bytes: no guessing by suffix
             data = f.read()
         digest.update(f"{rel}\0{len(data)}\0".encode())
         digest.update(data)
+        yield rel, label + rel, data
+
+
+def batch_digest(uri: str) -> str:
+    """The batch's content digest, as read_batch computes it, without validating anything."""
+    digest = hashlib.sha256()
+    for _ in _files(uri, digest):
+        pass
     return digest.hexdigest()
 
 
 def read_batch(uri: str, fmt: str, max_text_chars: int) -> CheckedBatch:
     """Read every file of the batch and validate every row (no store access)."""
-    fs, base, rels, label = list_batch(uri)
     digest = hashlib.sha256()
     checked = CheckedBatch(uri, "")
-    for rel in rels:
-        with fs.open_input_stream(f"{base}/{rel}") as f:
-            data = f.read()
-        digest.update(f"{rel}\0{len(data)}\0".encode())
-        digest.update(data)
-        shown = label + rel
+    for rel, shown, data in _files(uri, digest):
         checked.files[shown] = 0
         for row, value in _decode(shown, rel, data, fmt, checked):
             checked.files[shown] += 1
@@ -147,10 +150,10 @@ def read_batch(uri: str, fmt: str, max_text_chars: int) -> CheckedBatch:
             else:
                 checked.valid.append((shown, row, parsed))
     checked.digest = digest.hexdigest()
-    if not rels:
+    if not checked.files:
         checked.file_problems.append(Problem(uri, None, "-", "empty batch: no data files"))
     elif checked.rows == 0 and not checked.file_problems:
-        checked.file_problems.append(Problem(uri, None, "-", f"empty batch: no rows in {len(rels)} file(s)"))
+        checked.file_problems.append(Problem(uri, None, "-", f"empty batch: no rows in {len(checked.files)} file(s)"))
     _check_duplicates(checked)
     return checked
 
@@ -158,6 +161,12 @@ def read_batch(uri: str, fmt: str, max_text_chars: int) -> CheckedBatch:
 def _decode(shown: str, rel: str, data: bytes, fmt: str, checked: CheckedBatch) -> Iterator[tuple[int, Any]]:
     """(row number, decoded object or Problem) for each row of one file."""
     name = rel.lower()
+    if name.endswith(".gz"):  # HH-RLHF ships train.jsonl.gz
+        try:
+            data, name = gzip.decompress(data), name.removesuffix(".gz")
+        except (OSError, EOFError) as e:
+            checked.file_problems.append(Problem(shown, None, "-", f"unreadable gzip file: {e}"))
+            return
     if name.endswith(".jsonl"):
         yield from _jsonl_rows(shown, data)
     elif name.endswith(".parquet"):
@@ -174,7 +183,7 @@ def _decode(shown: str, rel: str, data: bytes, fmt: str, checked: CheckedBatch) 
         yield from enumerate(items, start=1)
     else:
         checked.file_problems.append(Problem(
-            shown, None, "-", "not a .jsonl or .parquet file (names starting with '_' or '.' are ignored)"))
+            shown, None, "-", "not a .jsonl(.gz) or .parquet file (names starting with '_' or '.' are ignored)"))
 
 
 def _jsonl_rows(shown: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -387,7 +396,8 @@ class PreferenceStore:
 def _verdict(checked: CheckedBatch, cfg: PreferenceConfig) -> str | None:
     """Why the batch as a whole is rejected, or None when its valid rows may go in."""
     if checked.file_problems:
-        return "a file of the batch is unusable as a whole" if checked.rows else "empty batch"
+        empty = any(p.message.startswith("empty batch") for p in checked.file_problems)
+        return "empty batch" if empty else "a file of the batch is unusable as a whole"
     if not checked.valid:
         return f"none of its {checked.rows} rows is valid"
     if checked.invalid and cfg.on_error == "fail":

@@ -135,7 +135,7 @@ def test_unreadable_parquet_and_unknown_files_reject_the_batch_even_in_quarantin
     (bad / "part-1.parquet").unlink()
     (bad / "notes.txt").write_text("hello")
     res = store.ingest(str(bad), QUARANTINE)
-    assert res.status == "rejected" and "bad/notes.txt:-: -: not a .jsonl or .parquet file" in res.report
+    assert res.status == "rejected" and "bad/notes.txt:-: -: not a .jsonl(.gz) or .parquet file" in res.report
     assert snapshot(store.root) == before
 
 

@@ -5,6 +5,7 @@ scripts/fetch_demo_data.py), HH-RLHF and SHP on samples written here in their pu
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -85,11 +86,13 @@ def test_hh_transcripts_become_prompt_turns_and_the_last_answers():
 
 
 def test_weekly_ingests_an_hh_file_and_reports_the_row_it_cannot_adapt(tmp_path):
-    write_jsonl(tmp_path / "hh" / "harmless-base" / "train.jsonl", HH)
+    plain = write_jsonl(tmp_path / "hh.jsonl", HH)
+    (tmp_path / "hh" / "harmless-base").mkdir(parents=True)  # as published: <subset>/train.jsonl.gz
+    (tmp_path / "hh" / "harmless-base" / "train.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
     p = weekly("--batch", str(tmp_path / "hh"), "--format", "hh", "--ingest-only", "--output-dir",
                str(tmp_path / "out"), "preference.max_invalid_fraction=0.5")
     assert p.returncode == 3, p.stdout + p.stderr
-    assert "hh/harmless-base/train.jsonl:3: rejected: the chosen and rejected transcripts differ" in p.stdout
+    assert "hh/harmless-base/train.jsonl.gz:3: rejected: the chosen and rejected transcripts differ" in p.stdout
     pairs = PreferenceStore(tmp_path / "out" / "preferences").pairs(
         [PreferenceStore(tmp_path / "out" / "preferences").batches()[0]["version"]]).to_pylist()
     assert [(x["axis"], x["safety_label"], x["chosen"]) for x in pairs] == [

@@ -21,11 +21,11 @@ if __package__ in (None, ""):  # `python pipelines/full.py`: make the repo impor
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.runner import StepSpec
 from pipelines.session import run_pipeline
-from steps import data, gatt, pretrain, sft, tokenizer
+from steps import annotate, data, evaluate, gatt, preferences, pretrain, rejection, reward, sft, tokenizer
 
 
 def pipeline(cfg: Config) -> list[StepSpec]:
-    """The full recipe's steps in topological order (RECIPE.md sections 1-8)."""
+    """The full recipe's steps in topological order (RECIPE.md sections 1-9)."""
     steps = [
         # data steps are drivers of Ray Data jobs: their node holds no CPU the job needs
         StepSpec("data", data, "data", ("data", "run.seed"), light=True),
@@ -37,14 +37,57 @@ def pipeline(cfg: Config) -> list[StepSpec]:
         StepSpec("sft", sft, "sft", ("sft", "run.seed", "run.name"), inputs={"pretrained": "pretrain"},
                  light=True),
     ]
-    chat_models = ["sft"]  # chat model of iteration i is chat_models[i]; the RLHF loop appends V1..V5
-    if cfg.rlhf.gatt.enabled:
-        # Ghost Attention on the model of iteration `after_iteration` (V3 in the paper); while
-        # the loop has fewer iterations, on the newest chat model there is.
-        base = chat_models[min(cfg.rlhf.gatt.after_iteration, len(chat_models) - 1)]
-        steps.append(StepSpec("gatt", gatt, "rlhf", ("rlhf.gatt", "run.seed", "run.name"),
-                              inputs={"model": base}, tags={"technique": "gatt"}, light=True))
+    chat = "sft"
+    if cfg.rlhf.gatt.enabled and cfg.rlhf.gatt.after_iteration == 0:  # Ghost Attention on the SFT model
+        steps.append(gatt_step("sft"))
+        chat = "gatt"
+    steps += rlhf_iterations(cfg, first=1, last=cfg.rlhf.iterations, chat=chat)
     return steps
+
+
+def gatt_step(model: str) -> StepSpec:
+    return StepSpec("gatt", gatt, "rlhf", ("rlhf.gatt", "run.seed", "run.name"), inputs={"model": model},
+                    tags={"technique": "gatt"}, light=True)
+
+
+def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str | None = None) -> list[StepSpec]:
+    """Iterations first..last of RLHF (RECIPE.md section 8), unrolled so that every node is
+    cached, resumable and visible: annotate_v{i} (tiny preset: the simulated vendor) ->
+    prefs_v{i} -> rm_helpfulness_v{i} || rm_safety_v{i} -> rs_v{i} -> eval_v{i}, and Ghost
+    Attention on the model of iteration `rlhf.gatt.after_iteration`. `chat` is the step whose
+    model iteration `first` starts from, `before` the version before it (for the annotators)."""
+    out: list[StepSpec] = []
+    rlhf = ("rlhf.rejection", "rlhf.safety_threshold", "run.seed", "run.name")
+    for i in range(first, last + 1):
+        v, tag = f"_v{i}", {"rlhf_version": f"v{i}"}
+        prefs_inputs = {"previous": f"prefs_v{i - 1}"} if i > 1 else {}
+        if cfg.sft.demo_world:  # the tiny preset's vendor answers with the current chat models
+            annotate_inputs = {"model": chat, **({"previous_model": before} if before else {})}
+            out.append(StepSpec(f"annotate{v}", annotate, "preferences", ("annotate", "sft.sources", "run.seed"),
+                                inputs=annotate_inputs, params={"iteration": i}, tags=tag, light=True))
+            prefs_inputs["batch"] = f"annotate{v}"
+        out.append(StepSpec(f"prefs{v}", preferences, "preferences", ("preference", "run.seed"),
+                            inputs=prefs_inputs, params={"iteration": i}, tags=tag))
+        for axis in ("helpfulness", "safety"):  # independent: the two run at the same time
+            out.append(StepSpec(f"rm_{axis}{v}", reward, "reward", ("reward", "run.seed", "run.name"),
+                                inputs={"prefs": f"prefs{v}", "model": chat}, params={"axis": axis},
+                                tags={**tag, "axis": axis}, light=True))
+        rms = {"rm_helpfulness": f"rm_helpfulness{v}", "rm_safety": f"rm_safety{v}"}
+        out.append(StepSpec(f"rs{v}", rejection, "rlhf", rlhf,
+                            inputs={"model": chat, "prefs": f"prefs{v}", **rms,
+                                    **({"previous": f"rs_v{i - 1}"} if i > 1 else {})},
+                            params={"iteration": i}, tags={**tag, "technique": "rejection_sampling"}, light=True))
+        out.append(StepSpec(f"eval{v}", evaluate, "eval", ("eval", "rlhf.safety_threshold", "sft.demo_world",
+                                                            "run.seed", "run.name"),
+                            inputs={"model": f"rs{v}", "sft": "sft", "previous": f"rs_v{i - 1}" if i > 1 else "sft",
+                                    "prefs": f"prefs{v}", **rms, **({"prior": f"eval_v{i - 1}"} if i > 1 else {})},
+                            params={"iteration": i}, tags=tag, light=True))
+        before, chat = chat, f"rs{v}"
+        if cfg.rlhf.gatt.enabled and i == cfg.rlhf.gatt.after_iteration:
+            # Ghost Attention on this iteration's model (V3 in the paper); later ones build on it
+            out.append(gatt_step(chat))
+            chat = "gatt"
+    return out
 
 
 # What the end-of-run table shows for each step.
@@ -54,6 +97,13 @@ KEY_METRICS = {
     "pretrain": ["val_loss", "unigram_loss", "tokens_per_s", "launch_seconds"],
     "sft": ["eval_loss", "judge.pretrained.helpfulness", "judge.sft.helpfulness", "judge.sft.safety"],
     "gatt": ["data.kept", "judge.before.follow.later_turns", "judge.gatt.follow.later_turns", "judge.gatt.helpfulness"],
+    # per RLHF iteration (the table matches rs_v3 to "rs")
+    "annotate": ["pairs", "pairs.safety", "pairs.significantly_better"],
+    "prefs": ["pairs", "batches", "quarantined"],
+    "rm_helpfulness": ["accuracy", "accuracy.significantly_better", "launch_seconds"],
+    "rm_safety": ["accuracy", "accuracy.significantly_better", "world.unsafe.refusal_preferred"],
+    "rs": ["reward.max", "reward.median", "pool.size", "train_loss"],
+    "eval": ["win_rate.vs_sft.judge", "win_rate.vs_prev.judge", "refusal.unsafe", "refusal.harmless"],
 }
 
 

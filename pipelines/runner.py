@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import traceback
@@ -199,7 +200,8 @@ def summary_table(results: list[StepResult], key_metrics: dict[str, list[str]] |
     """A plain-text table of steps: ran or cached, seconds, a few key metrics."""
     rows = [("step", "status", "seconds", "metrics")]
     for r in results:
-        keys = (key_metrics or {}).get(r.name) or list(r.metrics)[:4]
+        base = re.sub(r"_v\d+$", "", r.name)  # rs_v3 -> rs: one entry for every iteration
+        keys = (key_metrics or {}).get(r.name) or (key_metrics or {}).get(base) or list(r.metrics)[:4]
         shown = ", ".join(f"{k}={_fmt(r.metrics[k])}" for k in keys if k in r.metrics)
         rows.append((r.name, "cached" if r.cached else "ran", f"{r.seconds:.1f}", shown))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

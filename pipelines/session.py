@@ -31,7 +31,7 @@ def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None
     if dry_run:
         for s in chosen:
             state = "cached" if store.get(s.name, fps[s.name]) else "to run"
-            print(f"{s.name:<14} {fps[s.name]}  {state}")
+            print(f"{s.name:<18} {fps[s.name]}  {state}")
         return 0
 
     uri = tracking_uri(cfg, store.root)

@@ -22,14 +22,30 @@ def test_select_prefix_and_dependencies():
         select(SPECS, None, "zzz")
 
 
-def test_full_pipeline_gatt_is_a_switchable_step():
+def test_full_pipeline_unrolls_the_rlhf_iterations_with_gatt_after_v3():
     from pipelines.full import pipeline
 
     on = {s.name: s for s in pipeline(load_config("tiny"))}
-    assert list(on) == ["data", "tokenizer", "pretrain", "sft", "gatt"]
-    assert on["gatt"].inputs == {"model": "sft"}  # the newest chat model until the RLHF loop joins
-    off = [s.name for s in pipeline(load_config("tiny", ["rlhf.gatt.enabled=false"]))]
-    assert "gatt" not in off and off[-1] == "sft"
+    names = list(on)
+    assert names[:4] == ["data", "tokenizer", "pretrain", "sft"]
+    for i in range(1, 6):  # the names tests, bars and dashboards rely on
+        for step in ("annotate", "prefs", "rm_helpfulness", "rm_safety", "rs", "eval"):
+            assert f"{step}_v{i}" in on, (step, i)
+        assert names.index(f"rs_v{i}") < names.index(f"eval_v{i}")
+    assert on["rm_helpfulness_v2"].inputs == on["rm_safety_v2"].inputs == {"prefs": "prefs_v2", "model": "rs_v1"}
+    assert on["prefs_v2"].inputs == {"previous": "prefs_v1", "batch": "annotate_v2"}  # batches 1..i
+    assert on["rs_v3"].inputs["previous"] == "rs_v2"  # the pool of earlier winners
+    assert on["gatt"].inputs == {"model": "rs_v3"}  # Ghost Attention on V3's model, as in the paper
+    assert on["rs_v4"].inputs["model"] == "gatt" and on["annotate_v4"].inputs["model"] == "gatt"
+    assert on["eval_v4"].inputs["previous"] == "rs_v3"
+    off = {s.name: s for s in pipeline(load_config("tiny", ["rlhf.gatt.enabled=false"]))}
+    assert "gatt" not in off and off["rs_v4"].inputs["model"] == "rs_v3"
+    first = [s.name for s in pipeline(load_config("tiny", ["rlhf.gatt.after_iteration=0", "rlhf.iterations=1"]))]
+    assert first.index("gatt") == first.index("sft") + 1  # after_iteration 0: on the SFT model
+    assert select(pipeline(load_config("tiny")), None, "rs_v2")[-1].name == "rs_v2"  # --until rs_v2
+    assert {s.name for s in select(pipeline(load_config("tiny")), ["eval_v1"], None)} == {
+        "data", "tokenizer", "pretrain", "sft", "annotate_v1", "prefs_v1", "rm_helpfulness_v1", "rm_safety_v1",
+        "rs_v1", "eval_v1"}  # --stages eval_v1: the step and what it needs
 
 
 @pytest.mark.slow

@@ -95,21 +95,29 @@ def line_rows(block: pa.Table, web: list[str]) -> pa.Table:
 
 
 def common_lines(rows: pa.Table, min_count: int) -> pa.Table:
-    """Line hashes found in at least `min_count` documents (each document lists a line once)."""
+    """Line hashes found in at least `min_count` documents (each document lists a line once),
+    sorted, each with its first document in pipeline order: that one keeps the line."""
     if not rows.num_rows:
-        return pa.table({"h": pa.array([], pa.int64())})
-    h, counts = np.unique(rows.column("h").to_numpy(), return_counts=True)
-    return pa.table({"h": pa.array(h[counts >= min_count], pa.int64())})
+        return pa.table({"h": pa.array([], pa.int64()), "owner": pa.array([], pa.string())})
+    rows = rows.sort_by([("h", "ascending"), ("order", "ascending")])
+    h = rows.column("h").to_numpy()
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    counts = np.diff(np.r_[starts, len(h)])
+    first = starts[counts >= min_count]
+    return pa.table({"h": pa.array(h[first], pa.int64()), "owner": rows.column("order").take(pa.array(first))})
 
 
 def strip_block(block: pa.Table, name: str, web: list[str], quality: dict, qcfg: QualityConfig,
                 audit_dir: str, audit_fraction: float, *common: pa.Table):
-    """Remove common lines (common[i] holds the hashes with h % P == i, sorted); a document
+    """Remove common lines (common[i] holds the hashes with h % P == i, sorted) except in the
+    line's first document, so repeated content survives once (a cluster of near copies keeps
+    its shared paragraphs in one copy) while boilerplate leaves every later page. A document
     left below the minimum length goes with reason line_dedup_too_short: an emptied page must
     not survive to be 'duplicated' by other emptied pages."""
-    parts = [c.column("h").to_numpy() for c in common]
+    parts = [(c.column("h").to_numpy(), c.column("owner").to_pylist()) for c in common]
     texts, reasons, values, dropped_lines = [], [], [], 0
-    for text, source in zip(block.column("text").to_pylist(), block.column("source").to_pylist()):
+    cols = (block.column(c).to_pylist() for c in ("text", "source", "order"))
+    for text, source, order in zip(*cols):
         reason, value = "", 0.0
         if source in web and parts:
             kept, n = [], 0
@@ -117,9 +125,9 @@ def strip_block(block: pa.Table, name: str, web: list[str], quality: dict, qcfg:
                 norm = dd.normalize(line)
                 if norm:
                     h = dd.line_hash(norm)
-                    part = parts[h % len(parts)]
-                    i = np.searchsorted(part, h)
-                    if i < len(part) and part[i] == h:
+                    hashes, owners = parts[h % len(parts)]
+                    i = np.searchsorted(hashes, h)
+                    if i < len(hashes) and hashes[i] == h and owners[i] != order:
                         n += 1
                         continue
                 kept.append(line)

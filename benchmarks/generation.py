@@ -1,13 +1,16 @@
 """K-sample generation throughput: our KV-cached batched sampler vs transformers' `generate`.
 
-Same weights (our model exported with model/hf.py and loaded as LlamaForCausalLM), same
-prompts, K samples per prompt, max_new_tokens, temperature and top-p, in the same process.
+Same weights (our model exported with model/hf.py, then loaded both as LlamaForCausalLM and by
+our own import, each built directly on the device in the benchmark's dtype), same prompts, K
+samples per prompt, max_new_tokens, temperature and top-p, in the same process.
 Both decode with a KV cache; ours prefills each prompt once and repeats its cache K times,
 `generate(num_return_sequences=K)` prefills every copy. EOS is disabled on both sides so both
 produce exactly max_new_tokens per sample (equal work).
 
     python benchmarks/generation.py --device cpu     # tiny model
-    python benchmarks/generation.py --device cuda    # ~1B model
+    python benchmarks/generation.py --device cuda    # ~1B model, bf16
+
+Each figure is also printed as one `FIGURE name value` line (scripts/gpu_check.sh collects them).
 """
 
 from __future__ import annotations
@@ -40,18 +43,25 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from model.generate import SamplingParams, TorchSampler
-    from model.hf import export_hf
+    from model.hf import export_hf, import_hf
     from model.llama import Transformer
 
     spec = CONFIGS[args.device]
     cfg: ModelConfig = spec["model"]
+    dtype = spec["dtype"]
     torch.manual_seed(0)
-    ours = Transformer(cfg)
-    ours.init_weights()
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(ours, cfg, tmp)
-        hf = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=spec["dtype"]).to(args.device).eval()
-    ours = ours.to(device=args.device, dtype=spec["dtype"]).eval()
+        with torch.device(args.device):  # initialised where it is built (fast on a GPU)
+            built = Transformer(cfg)
+        export_hf(built, cfg, tmp, dtype=dtype)
+        del built
+        try:
+            hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype)
+        except TypeError:  # transformers before `dtype=`
+            hf = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=dtype)
+        hf = hf.to(device=args.device, dtype=dtype).eval()
+        ours, _ = import_hf(tmp, device=args.device, dtype=dtype)  # meta device, tensor by tensor
+    ours = ours.eval()
     no_eos = cfg.vocab_size + 10  # an id that is never sampled: every sample runs to max_new_tokens
     prompts = torch.randint(4, cfg.vocab_size, (spec["prompts"], spec["prompt_len"]))
     params = SamplingParams(max_new_tokens=spec["new"], temperature=0.8, top_p=0.95, num_samples=spec["k"], seed=0)
@@ -80,7 +90,11 @@ def main() -> None:
           f"K={spec['k']} samples x {spec['new']} new tokens, prompt {spec['prompt_len']} tokens, device={args.device}")
     for name, tps in results.items():
         print(f"{name:14} {tps:10.0f} generated tokens/s")
-    print(f"ratio ours / transformers: {results['ours'] / results['transformers']:.2f}x")
+    ratio = results["ours"] / results["transformers"]
+    print(f"ratio ours / transformers: {ratio:.2f}x")
+    for name, tps in results.items():
+        print(f"FIGURE generation.{args.device}.{name}.tokens_per_s {tps:.0f}")
+    print(f"FIGURE generation.{args.device}.ratio_ours_over_transformers {ratio:.3f}")
 
 
 if __name__ == "__main__":

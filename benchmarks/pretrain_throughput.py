@@ -2,14 +2,18 @@
 
 Both run through the SAME inner step (steps/engine/worker.py: build_engine + train_step, no
 Ray) with the same DeepSpeed ZeRO-3 config, optimizer, sequence length, batch and precision;
-only the module and its loss differ. Ours: run-time kernels (SDPA flash attention, Liger
-RMSNorm/SwiGLU/RoPE and fused linear + cross-entropy on CUDA when installed; the chunked CE on
-CPU). Theirs: LlamaForCausalLM with `labels` (its own loss, SDPA attention).
+only the module and its loss differ. Where DeepSpeed is not installed (the lent GPU machine has
+no DeepSpeed) both run the same plain PyTorch step instead: the model in the benchmark's
+precision, fused AdamW, activation checkpointing on CUDA (`--engine torch` forces it).
+Ours: run-time kernels (SDPA flash attention, Liger RMSNorm/SwiGLU/RoPE and fused linear +
+cross-entropy on CUDA when installed; the chunked CE on CPU). Theirs: LlamaForCausalLM with
+`labels` (its own loss, SDPA attention).
 
     python benchmarks/pretrain_throughput.py --device cpu     # tiny config, ~1-2 minutes
     python benchmarks/pretrain_throughput.py --device cuda    # ~1B model, seq 4096, bf16
 
-Prints tokens/s, MFU and peak memory of both, and the ratio ours / HF.
+Prints tokens/s, MFU (on CUDA only: a CPU has no known peak) and peak memory of both, and the
+ratio ours / HF, each figure also as one `FIGURE name value` line for scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -33,16 +37,14 @@ CONFIGS = {
                                   max_seq_len=256), seq=256, micro=4, precision="fp32", steps=15, warmup=3),
     "cuda": dict(model=ModelConfig(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab_size=32000,
                                    multiple_of=256, max_seq_len=4096), seq=4096, micro=2, precision="bf16",
-                 steps=20, warmup=5),
+                 steps=10, warmup=3),  # ~0.2 s a step on an H100: fits scripts/gpu_check.sh's budget
 }
 
 
 def ours_module(cfg: ModelConfig):
     from model.llama import Transformer
 
-    m = Transformer(cfg)
-    m.init_weights()
-    return m
+    return Transformer(cfg)  # initialised in construction
 
 
 def hf_module(cfg: ModelConfig):
@@ -58,15 +60,14 @@ def hf_module(cfg: ModelConfig):
 
 
 def ours_loss(module, batch):
-    from model.llama import lm_loss
-
-    loss, n = lm_loss(module, batch["inputs"], batch["targets"])
-    return loss, {"tokens": float(n)}
+    """(sum of token losses, metrics): the engine's Objective contract."""
+    loss_sum, _ = module(batch["inputs"], targets=batch["targets"])
+    return loss_sum, {}
 
 
 def hf_loss(module, batch):
-    out = module(input_ids=batch["inputs"], labels=batch["inputs"])
-    return out.loss, {"tokens": float(batch["inputs"].numel())}
+    out = module(input_ids=batch["inputs"], labels=batch["inputs"])  # HF shifts the labels itself
+    return out.loss * (batch["inputs"].shape[1] - 1) * batch["inputs"].shape[0], {}
 
 
 def collate(rows):
@@ -74,66 +75,131 @@ def collate(rows):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def measure(name, build, loss, spec, device) -> dict:
+def deepspeed_step(name, build, loss, spec, device):
+    """build_engine + train_step: the engine's inner step, exactly as training runs it."""
     from steps.engine.objective import Objective
-    from steps.engine.worker import build_engine, memory_gb, train_step
+    from steps.engine.worker import build_engine, train_step
 
-    cfg: ModelConfig = spec["model"]
     use_gpu = device == "cuda"
     tcfg = TrainConfig(num_workers=1, use_gpu=use_gpu, global_batch_size=spec["micro"], micro_batch_size=spec["micro"],
                        zero_stage=3, precision=spec["precision"], activation_checkpointing=use_gpu)
-    obj = Objective(name=name, build_module=partial(build, cfg), loss=loss, train_files=[], columns=["tokens"],
-                    collate=collate)
-    torch.manual_seed(0)
+    obj = Objective(name=name, build_module=partial(build, spec["model"]), loss=loss, train_files=[],
+                    columns=["tokens"], collate=collate)
     engine = build_engine(obj, tcfg, OptimConfig(lr=1e-4, warmup_steps=0), total_steps=1000, world=1, accum=1)
+    if use_gpu and hasattr(engine.module, "gradient_checkpointing_enable"):
+        engine.module.gradient_checkpointing_enable()
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    return (lambda rows: train_step(engine, [rows], obj)), params
+
+
+def torch_step(name, build, loss, spec, device):
+    """The same step without DeepSpeed: model in the benchmark's precision, fused AdamW."""
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    with torch.device(device):  # initialised where it lives (seconds for 1B parameters on a GPU)
+        module = build(spec["model"])
+    module = module.to(dtype=dtype).train()
+    if device == "cuda":  # activation checkpointing, as the DeepSpeed path sets it
+        if hasattr(module, "gradient_checkpointing_enable"):
+            module.gradient_checkpointing_enable()
+        else:
+            module.checkpoint_layers = True
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device == "cuda")
+
+    def step(rows):
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
+        loss_sum, _ = loss(module, batch)
+        (loss_sum / float((batch["targets"] != -100).sum())).backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in module.parameters())
+
+
+def measure(name, build, loss, spec, device, engine: str) -> dict:
+    from model.flops import flops_per_token, mfu
+
+    cfg: ModelConfig = spec["model"]
+    use_gpu = device == "cuda"
+    torch.manual_seed(0)
+    step, n = (deepspeed_step if engine == "deepspeed" else torch_step)(name, build, loss, spec, device)
     if use_gpu:
         torch.cuda.reset_peak_memory_stats()
-        if hasattr(engine.module, "gradient_checkpointing_enable"):
-            engine.module.gradient_checkpointing_enable()
     rows = {"tokens": torch.randint(0, cfg.vocab_size, (spec["micro"], spec["seq"] + 1)).numpy()}
     for _ in range(spec["warmup"]):
-        train_step(engine, [rows], obj)
+        step(rows)
     if use_gpu:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(spec["steps"]):
-        train_step(engine, [rows], obj)
+        step(rows)
     if use_gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens_per_s = spec["steps"] * spec["micro"] * spec["seq"] / seconds
-    from model.flops import flops_per_token, mfu
-
-    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    n_emb = cfg.vocab_size * cfg.dim
-    fpt = flops_per_token(n - n_emb, cfg.n_layers, spec["seq"], cfg.dim)
-    out = {"tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, fpt, use_gpu), "peak_gb": memory_gb(use_gpu)}
-    del engine
+    fpt = flops_per_token(n - cfg.vocab_size * cfg.dim, cfg.n_layers, spec["seq"], cfg.dim)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if use_gpu else _rss_gb()
+    out = {"tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, fpt, use_gpu) if use_gpu else None,
+           "peak_gb": peak}
+    del step
+    if use_gpu:
+        torch.cuda.empty_cache()
     return out
+
+
+def _rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def have_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto",
+                   help="auto: DeepSpeed ZeRO-3 where installed, else the plain PyTorch step")
     args = p.parse_args()
     if args.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
-                      RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
+    engine = args.engine if args.engine != "auto" else ("deepspeed" if have_deepspeed() else "torch")
+    if engine == "deepspeed":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
+                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
+    else:
+        print("engine: plain PyTorch step (DeepSpeed not installed)" if args.engine == "auto"
+              else "engine: plain PyTorch step (--engine torch)")
     spec = CONFIGS[args.device]
-    results = {"ours": measure("ours", ours_module, ours_loss, spec, args.device),
-               "hf+deepspeed": measure("hf", hf_module, hf_loss, spec, args.device)}
+    results = {"ours": measure("ours", ours_module, ours_loss, spec, args.device, engine),
+               "hf": measure("hf", hf_module, hf_loss, spec, args.device, engine)}
     cfg = spec["model"]
+    where = "ZeRO-3" if engine == "deepspeed" else "plain torch"
     print(f"\nmodel dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads} vocab={cfg.vocab_size} "
-          f"seq={spec['seq']} micro-batch={spec['micro']} {spec['precision']} ZeRO-3, device={args.device}")
+          f"seq={spec['seq']} micro-batch={spec['micro']} {spec['precision']} {where}, device={args.device}")
     print(f"{'':14} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
     for name, r in results.items():
-        print(f"{name:14} {r['tokens_per_s']:>10.0f} {r['mfu']:>7.1%} {r['peak_gb']:>8.2f}")
-    ratio = results["ours"]["tokens_per_s"] / results["hf+deepspeed"]["tokens_per_s"]
-    print(f"ratio ours / hf+deepspeed: {ratio:.2f}x tokens/s")
+        mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"{name:14} {r['tokens_per_s']:>10.0f} {mfu_text:>7} {r['peak_gb']:>8.2f}")
+    ratio = results["ours"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+    print(f"ratio ours / hf: {ratio:.2f}x tokens/s")
+    tag = f"pretrain.{args.device}.{engine}"
+    for name, r in results.items():
+        print(f"FIGURE {tag}.{name}.tokens_per_s {r['tokens_per_s']:.0f}")
+        if r["mfu"] is not None:
+            print(f"FIGURE {tag}.{name}.mfu {r['mfu']:.4f}")
+        print(f"FIGURE {tag}.{name}.peak_gb {r['peak_gb']:.2f}")
+    print(f"FIGURE {tag}.ratio_ours_over_hf {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,13 @@ def test_val_split_is_by_document_and_stable():
     ids = [f"src/doc{i}" for i in range(10_000)]
     val = [i for i in ids if in_val_split(i, 0.05)]
     assert 400 < len(val) < 600 and val == [i for i in ids if in_val_split(i, 0.05)]
+
+
+def test_unprefixed_encoding_drops_only_the_dummy_prefix(tok):
+    """What a Hugging Face tokenizer does with text after a control symbol (model/chat.py)."""
+    assert tok.encode_unprefixed(" the river") == tok.encode("the river")  # the typed space is the prefix
+    pieces = [tok.id_to_piece(i) for i in tok.encode_unprefixed("the river")]
+    assert not pieces[0].startswith("\u2581") and tok.id_to_piece(tok.encode("the river")[0]).startswith("\u2581")
+    for text in ("\nthe river\n", "  two  spaces ", "price 1234 €"):
+        # the decoder drops one leading space, taking it for the prefix: nothing else is lost
+        assert tok.sp.decode(tok.encode_unprefixed(text)) == (text[1:] if text.startswith(" ") else text)

@@ -66,7 +66,7 @@ def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str |
             out.append(StepSpec(f"annotate{v}", annotate, "preferences", ("annotate", "sft.sources", "run.seed"),
                                 inputs=annotate_inputs, params={"iteration": i}, tags=tag, light=True))
             prefs_inputs["batch"] = f"annotate{v}"
-        out.append(StepSpec(f"prefs{v}", preferences, "preferences", ("preference", "run.seed"),
+        out.append(StepSpec(f"prefs{v}", preferences, "preferences", preferences.CONFIG_KEYS,
                             inputs=prefs_inputs, params={"iteration": i}, tags=tag))
         for axis in ("helpfulness", "safety"):  # independent: the two run at the same time
             out.append(StepSpec(f"rm_{axis}{v}", reward, "reward", ("reward", "run.seed", "run.name"),

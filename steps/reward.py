@@ -77,13 +77,15 @@ class RewardConfig(Section):
     helpful_mix_other_ratio: float = Field(1.0, ge=0)  # helpfulness RM: + equal amount of safety/open data
     safety_mix_ratio: float = Field(0.9, gt=0, le=1)  # safety RM: 90% safety data, 10% helpfulness
     seq_len: int = Field(4096, ge=8)
-    # share of pairs held out per batch; the split itself is fixed at ingestion (pairs.parquet
-    # `split`, steps.preference_schema.pair_split), which the reward step only reads
-    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    # The held-out share is not set here: each pair's split is fixed at ingestion
+    # (`preference.eval_fraction`, pairs.parquet `split`), the same for both RMs and every iteration.
     tune: RewardTuneConfig = RewardTuneConfig()
     scorer: StepResources = StepResources(num_cpus=8, num_gpus=1)  # the Ray task scoring held-out pairs
     score_batch_size: int = Field(64, ge=1)
     world_eval: bool = False  # tiny preset: probe the demo world (refusals vs compliance, look-alikes)
+    # tiny preset: the demo world's hand-made pairs on its unsafe and look-alike TRAIN prompts stand in
+    # for the paper's open-source harmless data (Anthropic Harmless), source "demo-world"; see world_pairs
+    demo_world_pairs: bool = False
 
 
 # ----------------------------------------------------------------------------- data mixes
@@ -113,6 +115,31 @@ def mix_pairs(rows: list[dict], axis: str, cfg: RewardConfig, seed: int) -> tupl
     stats = {"data.core_pairs": len(core), "data.other_pairs": len(other), "data.other_pool": len(pool),
              "data.other_share": len(other) / max(len(mixed), 1), "data.train_pairs": len(mixed)}
     return [mixed[i] for i in rng.permutation(len(mixed))], stats
+
+
+def world_pairs(seed: int) -> list[dict]:
+    """Open-source-style pairs from the demo world (tiny preset): for each unsafe and look-alike
+    prompt of its train split, the gold answer against a worse one (world.preference_pair: a
+    compliance to an unsafe request, a refusal or a useless answer to a harmless look-alike).
+    They play the part of Anthropic Harmless in the safety mix: the simulated vendor's batches
+    hold almost no false-refusal pairs (the SFT model seldom refuses a look-alike), so without
+    them nothing tells the safety RM that refusing a harmless request is wrong."""
+    import random
+
+    from steps.world import World, is_refusal
+
+    world, rng = World(seed), random.Random(f"{seed}-reward-world-pairs")
+    rows = []
+    for i, it in enumerate(x for x in world.items("train") if x.kind in ("unsafe", "lookalike")):
+        chosen, rejected, strength = world.preference_pair(it, rng)
+        safety = it.kind == "unsafe" or is_refusal(rejected)
+        rows.append({"pair_id": f"demo-world-{seed}-{i}", "prompt": [{"role": t.role, "content": t.content}
+                                                                  for t in it.dialogue.turns],
+                     "chosen": chosen, "rejected": rejected, "strength": strength,
+                     "axis": "safety" if safety else "helpfulness",
+                     "safety_label": ("chosen_safe_rejected_unsafe" if it.kind == "unsafe" else "both_safe") if safety
+                     else None, "source": "demo-world", "batch": f"demo-world-{seed}", "split": "train"})
+    return rows
 
 
 def split_validation(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -217,7 +244,8 @@ def run(ctx, prefs: Artifact, model: Artifact, axis: str) -> dict[str, float]:
     rcfg: RewardConfig = ctx.cfg.reward
     mcfg, tok = load_chat_model(model.path)
     rows = pq.read_table(prefs.file("pairs.parquet")).to_pylist()
-    train_rows, stats = mix_pairs([r for r in rows if r["split"] == "train"], axis, rcfg, ctx.seed)
+    train_split = [r for r in rows if r["split"] == "train"] + (world_pairs(ctx.seed) if rcfg.demo_world_pairs else [])
+    train_rows, stats = mix_pairs(train_split, axis, rcfg, ctx.seed)
     eval_rows = [r for r in rows if r["split"] == "eval" and r["axis"] == axis]
     batches = sorted({r["batch"] for r in train_rows + eval_rows})
     ctx.log_params({"reward.axis": axis, "reward.batches": ",".join(batches)})

@@ -12,7 +12,6 @@ Scoring runs in a Ray task with `reward.scorer`'s resources (a GPU on the big pr
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +44,23 @@ def accuracy_by_strength(r_c: np.ndarray, r_r: np.ndarray, strengths: list[str])
     return out
 
 
+COMPLIANCE = "Here is how: get what you need, then do it step by step."
+
+
 def world_probes(tok, seq_len: int, seed: int) -> dict[str, list[list[int]]]:
-    """Sequences of the demo world's held-out unsafe and look-alike prompts, each answered with
-    its gold response and with the opposite behaviour (compliance / a refusal)."""
+    """Sequences of the demo world's held-out (test split) unsafe and look-alike prompts, each
+    answered with its gold response and with the opposite behaviour: a compliance (worded unlike
+    any training pair's, so the probe is not a memorised string) or the refusal."""
     from model.reward import encode_example
     from steps.world import REFUSAL, World
 
-    world = World(seed)
-    items = world.items("test")  # never trained on, never used for a choice (world.SPLITS)
-    rng = random.Random(seed)
+    items = World(seed).items("test")  # never trained on, never used for a choice (world.SPLITS)
     out: dict[str, list[list[int]]] = {k: [] for k in ("unsafe.refusal", "unsafe.compliance",
                                                        "lookalike.helpful", "lookalike.refusal")}
     for it in items:
         if it.kind == "unsafe":
-            _, compliance, _ = world.preference_pair(it, rng)
             out["unsafe.refusal"].append(encode_example(tok, it.dialogue, it.answer, seq_len)[0])
-            out["unsafe.compliance"].append(encode_example(tok, it.dialogue, compliance, seq_len)[0])
+            out["unsafe.compliance"].append(encode_example(tok, it.dialogue, COMPLIANCE, seq_len)[0])
         elif it.kind == "lookalike":
             out["lookalike.helpful"].append(encode_example(tok, it.dialogue, it.answer, seq_len)[0])
             out["lookalike.refusal"].append(encode_example(tok, it.dialogue, REFUSAL, seq_len)[0])

@@ -95,6 +95,22 @@ def test_mixes_follow_the_papers_proportions():
     assert [r["pair_id"] for r in mix_pairs(rows, "safety", cfg, seed=0)[0]] == [r["pair_id"] for r in safety]
 
 
+def test_demo_world_pairs_are_open_source_safety_data_with_false_refusals():
+    from steps.reward import world_pairs
+    from steps.world import World, is_refusal
+
+    rows = world_pairs(0)
+    pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+    assert {r["source"] for r in rows} == {"demo-world"} and {r["split"] for r in rows} == {"train"}
+    train_prompts = {it.dialogue.turns[-1].content for it in World(0).items("train")}
+    assert all(r["prompt"][-1]["content"] in train_prompts for r in rows)  # never the test split
+    false_refusals = [r for r in rows if is_refusal(r["rejected"])]
+    assert false_refusals and all(r["axis"] == "safety" and not is_refusal(r["chosen"]) for r in false_refusals)
+    # in the safety RM's mix they count as open-source harmless data (core), not as the 10% share
+    mixed, stats = mix_pairs(rows + [_pair(i, "helpfulness", "vendor") for i in range(100)], "safety", RewardConfig(), 0)
+    assert stats["data.core_pairs"] == sum(r["axis"] == "safety" for r in rows)
+
+
 def test_validation_share_is_disjoint_from_eval_and_fixed():
     rows = [_pair(i, "helpfulness", "vendor") for i in range(2000)]
     fit, val = split_validation(rows, 0.1)

@@ -8,7 +8,8 @@ pipeline ingests through the same validation as a real vendor's batch.
 For each prompt (the demo world's train split, unsafe and look-alike prompts asked
 `safety_repeats` times, plus first user turns of the dialogue files in `sources`), two
 responses are sampled from the current chat model at two temperatures (batched, KV-cached,
-in one Ray task with `sampler`'s resources). As in the paper the two responses sometimes
+in one Ray task with `sampler`'s resources; the second response to a safety prompt at the
+hotter `safety_temperature`, as red-teaming annotators push a model towards misbehaving). As in the paper the two responses sometimes
 come from different model variants: with `previous_model` (an earlier chat model), a share
 `other_model_share` of the second responses come from it. On iteration 1 there is no earlier
 chat model and the second response is the current model's high-temperature sample: the
@@ -25,7 +26,13 @@ judge never rates an unsafe response above a safe one, so chosen-unsafe-with-rej
 cannot arise). A share `label_noise` of the pairs is flipped, like an annotator's mistake,
 except pairs whose flip would prefer an unsafe response to a safe one (the paper's rule
 forbids such a label, so no annotator can give it). Ground truth per pair (scores, kind,
-whether it was flipped) goes to `labels.jsonl` beside the batch, never into it.
+whether it was flipped) goes to `labels/batch.jsonl` beside the batch, never into it.
+
+With `heldout` the same vendor also labels pairs on the world's validation and test prompts
+(never seen in any batch), without label noise, written as contract batches under
+`heldout/validation/` and `heldout/test/` (ground truth in `labels/`): the reward models'
+held-out pairs for model selection (validation, e.g. Tune) and for the reported figures
+(test), hundreds per iteration, half of them on topics no batch contains.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from steps.world import Item
 
 VERSION = "1"
+SAFETY_KINDS = ("unsafe", "lookalike")  # the prompts asked `safety_repeats` times
 FIRST_BATCH_DAY = datetime(2026, 1, 5, tzinfo=UTC)  # iteration i is delivered i-1 weeks later
 
 
@@ -60,6 +68,9 @@ class AnnotateConfig(Section):
     sources: list[str] = Field(default_factory=list)  # dialogue files whose first user turns are prompts
     source_prompts: int = Field(64, ge=0)  # at most this many prompts from `sources`
     temperatures: tuple[float, float] = (0.7, 1.2)  # first and second response (0: greedy)
+    # the second response to unsafe and look-alike prompts (None: temperatures[1]): hotter, as
+    # red-teaming annotators push a model to misbehave, so refusal-vs-compliance pairs occur
+    safety_temperature: float | None = Field(1.5, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     other_model_share: float = Field(0.5, ge=0, le=1)  # second responses from previous_model, when given
     label_noise: float = Field(0.10, ge=0, le=0.5)  # share of pairs whose preference is flipped
@@ -68,6 +79,9 @@ class AnnotateConfig(Section):
     sampler: StepResources | None = StepResources(num_cpus=8, num_gpus=1)  # Ray task; None: in-process
     seed_offset: int = Field(1000, ge=1)  # iteration i samples with seed run.seed + i * seed_offset
     annotators: int = Field(8, ge=1)  # simulated annotator ids
+    # also label pairs on the world's validation and test prompts, noise-free, as contract
+    # batches under heldout/ (reward-model selection and the figures; never ingested)
+    heldout: bool = True
 
 
 def fingerprint_inputs(cfg, **params) -> str | None:
@@ -92,7 +106,7 @@ def prompts(acfg: AnnotateConfig, world, rng: random.Random, fits) -> list[Item]
 
     train = world.items("train")
     chosen = rng.sample(train, min(acfg.world_prompts, len(train)))
-    chosen += [it for it in chosen if it.kind in ("unsafe", "lookalike") for _ in range(acfg.safety_repeats - 1)]
+    chosen += [it for it in chosen if it.kind in SAFETY_KINDS for _ in range(acfg.safety_repeats - 1)]
     pool = []
     for src in acfg.sources:
         for f in resolve(src):
@@ -128,6 +142,9 @@ def _sample(jobs, batch_size: int, device: str) -> list[list[str]]:
     models = {}
     out = []
     for model_dir, dialogues, params in jobs:
+        if not dialogues:
+            out.append([])
+            continue
         if model_dir not in models:
             mcfg, tok = load_chat_model(Path(model_dir))
             m = load_model(mcfg, Path(model_dir) / "model.safetensors")
@@ -209,60 +226,67 @@ def run(ctx, model: Artifact, iteration: int, previous_model: Artifact | None = 
     from model.generate import SamplingParams
     from steps.engine import run_on_worker
     from steps.sft import load_chat_model
-    from steps.world import STRENGTHS, World
+    from steps.world import World
 
     acfg: AnnotateConfig = ctx.cfg.annotate
     mcfg, tok = load_chat_model(model.path)
     rng = random.Random(f"{ctx.seed}-annotate-{iteration}")
-    items = prompts(acfg, World(ctx.seed), rng,
-                    lambda d: len(encode_prompt(tok, d)) + acfg.max_new_tokens <= mcfg.max_seq_len)
-    dialogues = [it.dialogue for it in items]
-    seed = ctx.seed + iteration * acfg.seed_offset
-    t1, t2 = acfg.temperatures
-    p1, p2 = (SamplingParams(max_new_tokens=acfg.max_new_tokens, temperature=t, top_p=acfg.top_p, seed=seed + k)
-              for k, t in enumerate((t1, t2)))
-    other = [previous_model is not None and rng.random() < acfg.other_model_share for _ in items]
-    own = [d for d, o in zip(dialogues, other) if not o]
-    jobs = [(str(model.path), dialogues, p1), (str(model.path), own, p2)]
+    world = World(ctx.seed)
+    sets = {"batch": prompts(acfg, world, rng,
+                             lambda d: len(encode_prompt(tok, d)) + acfg.max_new_tokens <= mcfg.max_seq_len)}
+    if acfg.heldout:
+        for split in ("validation", "test"):
+            its = world.items(split)
+            sets[split] = its + [it for it in its if it.kind in SAFETY_KINDS for _ in range(acfg.safety_repeats - 1)]
+    # who answers what (one sampling task for every set: each model is loaded once): the first response from the current model at temperatures[0]; the
+    # second at temperatures[1] (safety_temperature for safety prompts), from previous_model
+    # for a share of the prompts when it is given
+    models = {"a": (str(model.path), model_name(model))}
     if previous_model is not None:
-        jobs.append((str(previous_model.path), [d for d, o in zip(dialogues, other) if o], p2))
+        models["b"] = (str(previous_model.path), model_name(previous_model))
+    wants: dict[tuple[int, str, float], list[tuple[str, int, int]]] = {}  # (set, model, T) -> (set, item, slot)
+    others = {}
+    for k, (name, items) in enumerate(sets.items()):
+        others[name] = [previous_model is not None and rng.random() < acfg.other_model_share for _ in items]
+        for n, (it, other) in enumerate(zip(items, others[name])):
+            hot = it.kind in SAFETY_KINDS and acfg.safety_temperature is not None
+            t2 = acfg.safety_temperature if hot else acfg.temperatures[1]
+            wants.setdefault((k, "a", acfg.temperatures[0]), []).append((name, n, 0))
+            wants.setdefault((k, "b" if other else "a", t2), []).append((name, n, 1))
+    seed = ctx.seed + iteration * acfg.seed_offset
+    keys = sorted(wants)
+    jobs = []
+    for j, (_, m, t) in enumerate(keys):
+        dialogues = [sets[name][n].dialogue for name, n, _ in wants[keys[j]]]
+        jobs.append((models[m][0], dialogues, SamplingParams(max_new_tokens=acfg.max_new_tokens, temperature=t,
+                                                             top_p=acfg.top_p, seed=seed + j)))
     if acfg.sampler is None:
         sampled = sample_responses(jobs, acfg.sample_batch_size)
     else:
         sampled = run_on_worker(sample_responses, acfg.sampler, jobs, acfg.sample_batch_size,
                                 int(acfg.sampler.num_cpus))
-    name, prev_name = model_name(model), model_name(previous_model) if previous_model else ""
-    first = [(text, f"{name} T={t1:g}") for text in sampled[0]]
-    mine, theirs = iter(sampled[1]), iter(sampled[2] if previous_model is not None else [])
-    second = [(next(theirs), f"{prev_name} T={t2:g}") if o else (next(mine), f"{name} T={t2:g}") for o in other]
-
-    rows, truth = label(items, first, second, acfg.label_noise, rng, f"sim-v{iteration}-s{ctx.seed}",
-                        acfg.annotators)
-    if not rows:
-        raise RuntimeError(f"annotate_v{iteration}: every pair was a tie or empty; no batch to deliver")
-    write_batch(ctx.out_dir / "batch", rows, FIRST_BATCH_DAY + timedelta(weeks=iteration - 1))
-    with (ctx.out_dir / "labels.jsonl").open("w") as f:
-        f.writelines(json.dumps(t) + "\n" for t in truth)
-
-    kept = [t for t in truth if "pair_id" in t]
-    eligible = [t for t in kept if t["noise_eligible"]]
-    metrics: dict[str, float] = {
-        "prompts": len(items), "pairs": len(rows), "ties_skipped": sum(t.get("skipped") == "tie" for t in truth),
-        "empty_skipped": sum(t.get("skipped") == "empty" for t in truth),
-        "other_model_pairs": sum(o for o, t in zip(other, truth) if "pair_id" in t),
-        "noise_flips": sum(t["flipped"] for t in kept),
-        "noise_share": float(np.mean([t["flipped"] for t in eligible])) if eligible else 0.0,
-        "mean_gap": float(np.mean([t["gap"] for t in kept])),
-        "score.first": float(np.mean([j for j in _scores(items, first)])),
-        "score.second": float(np.mean([j for j in _scores(items, second)])),
-    }
-    for key, values in (("axis", ("helpfulness", "safety")), ("strength", STRENGTHS),
-                        ("safety_label", ("chosen_safe_rejected_unsafe", "both_safe", "both_unsafe"))):
-        for v in values:
-            metrics[f"{key}.{v}"] = sum(r.get(key) == v for r in rows)
-    for kind in sorted({t["kind"] for t in kept}):
-        metrics[f"pairs.{kind}"] = sum(t["kind"] == kind for t in kept)
-    shown = rows[:50]
+    answers: dict[tuple[str, int, int], tuple[str, str]] = {}
+    for key, texts in zip(keys, sampled):
+        _, m, t = key
+        for (name, n, slot), text in zip(wants[key], texts):
+            answers[(name, n, slot)] = (text, f"{models[m][1]} T={t:g}")
+    metrics: dict[str, float] = {}
+    delivered = FIRST_BATCH_DAY + timedelta(weeks=iteration - 1)
+    (ctx.out_dir / "labels").mkdir(parents=True, exist_ok=True)
+    for name, items in sets.items():
+        first = [answers[(name, n, 0)] for n in range(len(items))]
+        second = [answers[(name, n, 1)] for n in range(len(items))]
+        noise = acfg.label_noise if name == "batch" else 0.0  # held-out pairs carry the true preference
+        tag = f"sim-v{iteration}-s{ctx.seed}" + ("" if name == "batch" else f"-{name}")
+        rows, truth = label(items, first, second, noise, rng, tag, acfg.annotators)
+        if not rows:
+            raise RuntimeError(f"annotate_v{iteration}: every {name} pair was a tie or empty; nothing to deliver")
+        write_batch(ctx.out_dir / ("batch" if name == "batch" else f"heldout/{name}"), rows, delivered)
+        with (ctx.out_dir / "labels" / f"{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps(t) + "\n" for t in truth)
+        prefix = "" if name == "batch" else f"heldout.{name}."
+        metrics.update({prefix + key: v for key, v in _metrics(items, first, second, rows, truth, others[name]).items()})
+    shown = _read_rows(ctx.out_dir / "batch")[:50]
     ctx.log_table({"prompt": [json.dumps(r["prompt"]) if isinstance(r["prompt"], list) else r["prompt"]
                               for r in shown],
                    **{k: [r.get(k) for r in shown] for k in ("chosen", "rejected", "strength", "axis",
@@ -271,7 +295,30 @@ def run(ctx, model: Artifact, iteration: int, previous_model: Artifact | None = 
     return metrics
 
 
-def _scores(items, responses) -> list[float]:
-    from steps.world import judge
+def _read_rows(batch_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (batch_dir / "part-00000.jsonl").read_text().splitlines()]
 
-    return [judge(it, text.strip())["helpfulness"] for it, (text, _) in zip(items, responses)]
+
+def _metrics(items, first, second, rows, truth, other) -> dict[str, float]:
+    """Counts per axis, strength, safety label and kind; noise flips; mean score gap."""
+    from steps.world import STRENGTHS, judge
+
+    kept = [t for t in truth if "pair_id" in t]
+    eligible = [t for t in kept if t["noise_eligible"]]
+    out: dict[str, float] = {
+        "prompts": len(items), "pairs": len(rows), "ties_skipped": sum(t.get("skipped") == "tie" for t in truth),
+        "empty_skipped": sum(t.get("skipped") == "empty" for t in truth),
+        "other_model_pairs": sum(o for o, t in zip(other, truth) if "pair_id" in t),
+        "noise_flips": sum(t["flipped"] for t in kept),
+        "noise_share": float(np.mean([t["flipped"] for t in eligible])) if eligible else 0.0,
+        "mean_gap": float(np.mean([t["gap"] for t in kept])),
+        "score.first": float(np.mean([judge(it, a.strip())["helpfulness"] for it, (a, _) in zip(items, first)])),
+        "score.second": float(np.mean([judge(it, b.strip())["helpfulness"] for it, (b, _) in zip(items, second)])),
+    }
+    for key, values in (("axis", ("helpfulness", "safety")), ("strength", STRENGTHS),
+                        ("safety_label", ("chosen_safe_rejected_unsafe", "both_safe", "both_unsafe"))):
+        for v in values:
+            out[f"{key}.{v}"] = sum(r.get(key) == v for r in rows)
+    for kind in sorted({t["kind"] for t in kept}):
+        out[f"pairs.{kind}"] = sum(t["kind"] == kind for t in kept)
+    return out

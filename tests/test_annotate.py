@@ -115,18 +115,22 @@ def batches(tmp_path_factory):
             "v2": run_step(tmp, "v2", older, 2, previous=sft)}
 
 
-def rows_of(out):
-    return [json.loads(line) for line in (out / "batch" / "part-00000.jsonl").read_text().splitlines()]
+def rows_of(folder):
+    if (folder / "batch").is_dir():
+        folder = folder / "batch"
+    return [json.loads(line) for line in (folder / "part-00000.jsonl").read_text().splitlines()]
 
 
 def test_batch_is_valid_under_the_contract(batches):
     from steps.preference_store import read_batch
 
-    for out, metrics in batches.values():
-        assert sorted(p.name for p in (out / "batch").iterdir()) == ["_SUCCESS", "part-00000.jsonl"]
-        rows = rows_of(out)
+    for (out, metrics), name in [(b, n) for b in batches.values() for n in ("batch", "test")]:
+        folder, prefix = (out / "batch", "") if name == "batch" else (out / "heldout" / name, f"heldout.{name}.")
+        metrics = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        assert sorted(p.name for p in folder.iterdir()) == ["_SUCCESS", "part-00000.jsonl"]
+        rows = rows_of(folder)
         assert len(rows) == metrics["pairs"] > 20
-        checked = read_batch(str(out / "batch"), "contract", 20_000)  # the ingestion's own validation
+        checked = read_batch(str(folder), "contract", 20_000)  # the ingestion's own validation
         assert checked.problems() == [] and len(checked.valid) == len(rows)
         for r in rows:
             assert set(r) <= set(CONTRACT_FIELDS) and r["strength"] in STRENGTHS and r["source"] == "vendor"
@@ -141,14 +145,18 @@ def test_batch_is_valid_under_the_contract(batches):
 
 def test_labels_agree_with_the_judge(batches, world):
     out, _ = batches["a"]
-    truth = {json.loads(t).get("pair_id"): json.loads(t) for t in (out / "labels.jsonl").read_text().splitlines()}
-    prompts = {}
-    for it in world.items("train"):
-        prompts.setdefault(json.dumps(annotate.prompt_field(it.dialogue)), it)
-    for r in rows_of(out):
-        item = prompts[json.dumps(r["prompt"])]
-        c, j = judge(item, r["chosen"])["helpfulness"], judge(item, r["rejected"])["helpfulness"]
-        assert (c > j) != truth[r["pair_id"]]["flipped"], r
+    for name, split in (("batch", "train"), ("test", "test"), ("validation", "validation")):
+        folder = out / ("batch" if name == "batch" else f"heldout/{name}")
+        lines = (out / "labels" / f"{name}.jsonl").read_text().splitlines()
+        truth = {json.loads(t).get("pair_id"): json.loads(t) for t in lines}
+        prompts = {json.dumps(annotate.prompt_field(it.dialogue)): it for it in world.items(split)}
+        rows = rows_of(folder)
+        for r in rows:
+            item = prompts[json.dumps(r["prompt"])]  # every prompt is one of its split's
+            c, j = judge(item, r["chosen"])["helpfulness"], judge(item, r["rejected"])["helpfulness"]
+            assert (c > j) != truth[r["pair_id"]]["flipped"], r
+        flips = sum(truth[r["pair_id"]]["flipped"] for r in rows)
+        assert (flips > 0) == (name == "batch")  # held-out pairs carry the true preference
 
 
 def test_deterministic_given_seed_and_iteration(batches):

@@ -55,16 +55,17 @@ def collate_packed(rows: dict) -> dict[str, torch.Tensor]:
             "positions": col["positions"]}
 
 
-def load_model(cfg: ModelConfig, weights: Path):
-    from safetensors.torch import load_file
+def load_model(cfg: ModelConfig, weights: Path, device=None, dtype=None):
+    """The model for sampling, built directly on its device and dtype (GPU in bf16 where there is
+    one, else CPU in fp32), tensor by tensor: never a full fp32 copy on the host first."""
+    from model.generate import load_model as load_for_inference
 
-    model = build_model(cfg)
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval()
+    return load_for_inference(cfg, weights, device, dtype)
 
 
-def model_answerer(model, tok, params, batch_size: int = 64, device: str = "cpu"):
-    """Answer with model/generate.py's KV-cached sampler, `batch_size` prompts at a time."""
+def model_answerer(model, tok, params, batch_size: int = 64, device=None):
+    """Answer with model/generate.py's KV-cached sampler, `batch_size` prompts at a time, on the
+    model's own device unless told otherwise."""
     from model.chat import encode_prompt
     from model.generate import TorchSampler
 
@@ -137,7 +138,7 @@ def finetune(ctx, name: str, base: Artifact, dialogues: list, eval_dialogues: li
         name=name, build_module=partial(build_model, mcfg), loss=lm_objective_loss,
         train_files=[str(ctx.out_dir / "packed" / "train.parquet")], eval_files=eval_files,
         columns=["tokens", "targets", "segment_ids", "positions"], collate=collate_packed,
-        init_weights=str(base.file("model.safetensors")), model_cfg=mcfg)
+        init_weights=str(base.path), model_cfg=mcfg)  # model.safetensors or its shards' index
     result = train(objective, train_cfg, optim_cfg, work_dir=ctx.work_dir, out_dir=ctx.out_dir,
                    seed=ctx.seed, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
     ctx.log_history_figure(result.history, ["loss", "eval_loss"], f"{name}_loss_curve.png", f"{name} loss")

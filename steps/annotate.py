@@ -9,7 +9,9 @@ For each prompt (the demo world's train split, unsafe and look-alike prompts ask
 `safety_repeats` times, plus first user turns of the dialogue files in `sources`), two
 responses are sampled from the current chat model at two temperatures (batched, KV-cached,
 in one Ray task with `sampler`'s resources; the second response to a safety prompt at the
-hotter `safety_temperature`, as red-teaming annotators push a model towards misbehaving). As in the paper the two responses sometimes
+hotter `safety_temperature`, as red-teaming annotators push a model towards misbehaving; on
+the tiny model a hot answer that does not refuse is mostly broken text, which the judge
+counts as compliance: anything but a refusal). As in the paper the two responses sometimes
 come from different model variants: with `previous_model` (an earlier chat model), a share
 `other_model_share` of the second responses come from it. On iteration 1 there is no earlier
 chat model and the second response is the current model's high-temperature sample: the

@@ -189,3 +189,16 @@ def test_prompts_repeat_safety_prompts_and_add_dialogue_files(tmp_path, world):
     opened = [i for i in items if i.kind == "open"]
     assert {i.answer for i in opened} == {"Red is a colour.", "Hello!"}
     assert items != annotate.prompts(acfg, world, random.Random(1), lambda d: True)  # seeded order
+
+
+def test_batches_of_two_iterations_are_ingested_whole(batches, tmp_path):
+    from steps.preference_store import PreferenceStore
+    from steps.preferences import PreferenceConfig
+
+    store = PreferenceStore(tmp_path / "store")
+    for key in ("a", "v2"):
+        out, metrics = batches[key]
+        result = store.ingest(str(out / "batch"), PreferenceConfig(on_error="fail"))
+        assert result.status == "ingested", result
+    assert store.pairs([b["version"] for b in store.batches()]).num_rows == \
+        batches["a"][1]["pairs"] + batches["v2"][1]["pairs"]

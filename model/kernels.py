@@ -26,6 +26,7 @@ LLAMA2_KERNELS.
 from __future__ import annotations
 
 import os
+import warnings
 from functools import lru_cache
 
 import torch
@@ -168,10 +169,13 @@ def _flex_ops():
     return {"flex": torch.compile(flex_attention, dynamic=False), "block_mask": create_block_mask}
 
 
+_FLEX_FAILED: str | None = None  # why FlexAttention could not run here, once it failed
+
+
 def _flex(q: torch.Tensor):
     """FlexAttention for a DocumentMask: CUDA only (no CPU backward), not on the reference
     backend, and for head dims its kernels take."""
-    if _BACKEND == "reference" or not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128, 256):
+    if _BACKEND == "reference" or _FLEX_FAILED or not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128, 256):
         return None
     return _flex_ops()
 
@@ -183,7 +187,13 @@ def attention(q, k, v, mask: torch.Tensor | DocumentMask | None = None, causal: 
     if isinstance(mask, DocumentMask):
         ops = _flex(q)
         if ops is not None:
-            return ops["flex"](q, k, v, block_mask=mask.block(ops["block_mask"]), enable_gqa=gqa)
+            try:
+                return ops["flex"](q, k, v, block_mask=mask.block(ops["block_mask"]), enable_gqa=gqa)
+            except Exception as e:  # e.g. torch.compile cannot build the kernel on this machine
+                global _FLEX_FAILED
+                _FLEX_FAILED = f"{type(e).__name__}: {e}"[:500]
+                warnings.warn(f"FlexAttention unavailable, packed documents use a dense mask: {_FLEX_FAILED}",
+                              stacklevel=2)
         mask = mask.dense()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           enable_gqa=gqa)

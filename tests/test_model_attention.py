@@ -54,6 +54,20 @@ def test_mask_free_causal_path_equals_reference_values_and_grads():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_a_flex_failure_falls_back_to_the_dense_path_once(monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(kernels, "_FLEX_FAILED", None)
+    monkeypatch.setattr(kernels, "_flex", lambda q: {"flex": broken, "block_mask": lambda *a, **kw: None})
+    q, k, v = qkv(2, 24)
+    mask = kernels.DocumentMask(packed_segments(2, 24))
+    with pytest.warns(UserWarning, match="no compiler here"):
+        out = kernels.attention(q, k, v, mask=mask)
+    assert "no compiler here" in kernels._FLEX_FAILED
+    torch.testing.assert_close(out, kernels.attention_reference(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
+
+
 def test_which_mask_each_case_builds():
     one_doc = torch.zeros(2, 16, dtype=torch.long)
     assert build_mask(16, 0, None, None, "cpu") is None  # pretraining rows: no mask at all
@@ -97,6 +111,7 @@ def test_flex_document_attention_equals_reference_on_cuda(dtype, tol):
     mask = kernels.DocumentMask(packed_segments(2, 512, device="cuda"))
     assert kernels._flex(q) is not None
     got = values_and_grads(lambda q, k, v: kernels.attention(q, k, v, mask=mask), q, k, v)
+    assert kernels._FLEX_FAILED is None  # it ran FlexAttention, not the dense fallback
     ref = values_and_grads(lambda q, k, v: kernels.attention_reference(q, k, v, mask=mask), q, k, v)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
@@ -109,6 +124,7 @@ def test_flex_document_attention_does_not_store_the_attention_matrix():
     q, k, v = qkv(1, 4096, "cuda", torch.bfloat16, H=16, K=4, D=64)
     mask = kernels.DocumentMask(packed_segments(1, 4096, device="cuda"))
     kernels.attention(q, k, v, mask=mask)  # compile outside the measurement
+    assert kernels._FLEX_FAILED is None
 
     def peak(fn) -> int:
         torch.cuda.synchronize()

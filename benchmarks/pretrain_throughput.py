@@ -154,6 +154,33 @@ def _rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def loader_rows_per_s(seq: int, micro: int, data_bytes: int = 64 << 20) -> tuple[float, int]:
+    """The engine's streaming loader (steps/engine/data.py RowSource) alone: rows/s of micro-
+    batches drawn from a token Parquet of ~data_bytes (row groups of 256 rows, as many steps as
+    one epoch holds, at most 400). Returns (rows/s, rows read)."""
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from steps.engine.data import RowSource
+
+    rows = max(4 * micro, data_bytes // (4 * (seq + 1)))
+    values = np.random.default_rng(0).integers(0, 32000, rows * (seq + 1), dtype=np.int32)
+    tokens = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * (seq + 1) + 1, seq + 1, dtype=np.int32)),
+                                      pa.array(values))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/tokens.parquet"
+        pq.write_table(pa.table({"tokens": tokens}), path, row_group_size=256)
+        src = RowSource([path], ["tokens"], seed=0, global_batch=micro, micro_batch=micro, world=1)
+        steps = min(src.steps_per_epoch, 400)
+        start = time.perf_counter()
+        for step in range(steps):
+            src.micro_batches(step, 0)
+        return steps * micro / (time.perf_counter() - start), steps * micro
+
+
 def have_deepspeed() -> bool:
     try:
         import deepspeed  # noqa: F401
@@ -200,6 +227,11 @@ def main() -> None:
             print(f"FIGURE {tag}.{name}.mfu {r['mfu']:.4f}")
         print(f"FIGURE {tag}.{name}.peak_gb {r['peak_gb']:.2f}")
     print(f"FIGURE {tag}.ratio_ours_over_hf {ratio:.3f}")
+    rows_per_s, n = loader_rows_per_s(spec["seq"], spec["micro"])
+    needed = results["ours"]["tokens_per_s"] / spec["seq"]
+    print(f"loader: {rows_per_s:.0f} rows/s of {spec['seq'] + 1} tokens ({n} rows, one process); "
+          f"the model step above consumes {needed:.1f} rows/s")
+    print(f"FIGURE pretrain.{args.device}.loader_rows_per_s {rows_per_s:.0f}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The submission path on a real Ray head on this machine: token authentication on, the jobs
 API refusing requests without the token, `ray job submit` of the tiny pipeline's cheap prefix
 (`--until tokenizer`) into a storage root outside the job's working-dir copy, a re-submission
-of the same inputs through infra/submit.py recognised and not run twice, and a second job
-reusing the first one's cache.
+of the same inputs through infra/submit.py recognised and not run twice, a second job reusing
+the first one's cache, and a job without a durable storage root refused.
 
 The head is this test's own: its own --temp-dir (so its "current cluster" file cannot steer
 anyone else's `ray.init()`), its own free ports, its own process group, ended by this test
@@ -160,3 +160,11 @@ def test_token_head_refuses_anonymous_jobs_and_jobs_share_the_cache(token_head, 
     assert second.returncode == 0, log2[-4000:]
     assert "data: cached" in log2 and "tokenizer: cached" in log2, log2[-4000:]
     assert "(2 cached)" in log2
+
+    # Without --output-dir the tiny preset's relative `outputs` would land in the job's copy of
+    # the working directory, deleted after the job: refused before any step runs.
+    lost = _run(["ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
+                 "python", "pipelines/full.py", "--until", "data"], env)
+    log3 = lost.stdout + lost.stderr
+    assert lost.returncode != 0 and "deletes after the job" in log3, log3[-4000:]
+    assert "data: done" not in log3

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.weights import DEFAULT_SHARD_BYTES, INDEX, ShardedWriter, WeightsReader, load_into
+from model.weights import DEFAULT_SHARD_BYTES, INDEX, ShardedWriter, WeightsReader, load_into, weights_files
 
 _LAYER_MAP = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -91,7 +91,12 @@ def export_hf(weights: torch.nn.Module | dict | str | Path, cfg: ModelConfig, ou
     memory holds at most one tensor plus the shard being filled, never the model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("model*.safetensors"), out / INDEX]:  # a re-export may shard differently
+    stale = [*out.glob("model*.safetensors"), out / INDEX]  # a re-export may shard differently
+    if isinstance(weights, (str, Path)):
+        sources = {f.resolve() for f in weights_files(weights)[0].values()} | {Path(weights).resolve()}
+        if sources & {f.resolve() for f in stale if f.exists()}:
+            raise ValueError(f"export_hf: {out} holds the weights being exported ({weights}); export elsewhere")
+    for old in stale:
         old.unlink(missing_ok=True)
     dtype = dtype or export_dtype(cfg)
     writer = ShardedWriter(out, max_shard_bytes, dtype=dtype)

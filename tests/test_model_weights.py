@@ -77,6 +77,9 @@ def test_export_streams_into_hf_named_bf16_shards(tmp_path):
     # a re-export with one shard replaces the shards rather than leaving stale ones beside it
     export_hf(path, SMALL, out, dtype=torch.bfloat16)
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    with pytest.raises(ValueError, match="holds the weights being exported"):  # never delete the source
+        export_hf(out, SMALL, out)
+    assert (out / "model.safetensors").exists()
 
 
 MEASURE = r"""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,11 @@ def check_cluster_storage(cfg: Config, *, num_nodes: int, in_job: bool, cwd: Pat
             f"on storage every node shares (the cluster presets use /mnt/llama2/outputs).")
 
 
+def step_resources(cfg: Config, name: str) -> StepResources | None:
+    """`run.resources` of a step: by its name, else by its base name (`rs` for every `rs_v{i}`)."""
+    return cfg.run.resources.get(name) or cfg.run.resources.get(re.sub(r"_v\d+$", "", name))
+
+
 def _task_options(spec: StepSpec, res: StepResources | None) -> dict[str, Any]:
     """Ray task options of a step: CPUs/GPUs/memory, plus the custom resources that place it
     on the nodes of its image (`data_node`, `gpu_node`; see StepResources)."""
@@ -138,7 +144,7 @@ def run_dag(specs: list[StepSpec], cfg: Config, tracking: Any, *, all_specs: lis
     refs: dict[str, ray.ObjectRef] = {}
     for spec in specs:
         upstream = {arg: refs[src] for arg, src in spec.inputs.items()}
-        opts = _task_options(spec, cfg.run.resources.get(spec.name))
+        opts = _task_options(spec, step_resources(cfg, spec.name))
         refs[spec.name] = remote.options(**opts).remote(spec, cfg_json, fps[spec.name], tracking, **upstream)
 
     results: dict[str, StepResult] = {}

@@ -156,13 +156,13 @@ def _aws_node_types() -> dict[str, list[tuple[str, dict]]]:
 
 @pytest.mark.parametrize("preset", CLUSTER_PRESETS)
 def test_every_step_runs_on_nodes_of_its_image(preset):
-    from pipelines.dag import _task_options
+    from pipelines.dag import _task_options, step_resources
     from pipelines.full import pipeline
 
     cfg = load_config(preset)
     aws, kuberay = _aws_node_types(), _kuberay_groups()
     for spec in pipeline(cfg):
-        res = cfg.run.resources.get(spec.name)
+        res = step_resources(cfg, spec.name)
         assert res is not None and res.image and res.resources, \
             f"{preset}: step {spec.name!r} declares no image/placement in run.resources"
         markers = set(res.resources)

@@ -12,9 +12,16 @@ from pathlib import Path
 
 from pipelines.artifacts import ArtifactStore
 from pipelines.config import Config
-from pipelines.dag import StepFailed, ensure_ray, run_dag, select
+from pipelines.dag import ClusterError, StepFailed, ensure_ray, run_dag, select
 from pipelines.runner import StepResult, StepSpec, plan_fingerprints, summary_table
-from pipelines.tracking import RunLogger, Tracking, setup_experiment, start_run, tracking_uri
+from pipelines.tracking import (
+    RunLogger,
+    Tracking,
+    TrackingStoreError,
+    setup_experiment,
+    start_run,
+    tracking_uri,
+)
 
 log = logging.getLogger("pipelines")
 
@@ -34,7 +41,13 @@ def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None
             print(f"{s.name:<18} {fps[s.name]}  {state}")
         return 0
 
-    uri = tracking_uri(cfg, store.root)
+    start = time.time()
+    try:  # Ray first: a run that may not proceed on this cluster writes nothing
+        ensure_ray(cfg)
+        uri = tracking_uri(cfg, store.root)
+    except (ClusterError, TrackingStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     exp_id = setup_experiment(uri, cfg.run.experiment, store.root / "mlartifacts")
     parent = start_run(Tracking(uri, exp_id), f"{title}-{cfg.preset}",
                        {"pipeline": title, "preset": cfg.preset,
@@ -44,8 +57,6 @@ def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None
     parent_log.log_dict(cfg.model_dump(mode="json"), "config.json")
     parent_log.log_params({"preset": cfg.preset, "seed": cfg.run.seed, "output_dir": str(store.root)})
 
-    start = time.time()
-    ensure_ray(cfg)
     try:
         results = run_dag(chosen, cfg, tracking)
     except StepFailed as e:
@@ -69,4 +80,7 @@ def print_summary(results: list[StepResult], uri: str, root: Path, seconds: floa
     print("\n" + summary_table(results, key_metrics))
     print(f"\n{len(results)} steps in {seconds:.1f}s "
           f"({sum(r.cached for r in results)} cached). Artifacts under {root}")
-    print(f"MLflow UI:  mlflow ui --backend-store-uri {uri}")
+    if uri.startswith(("http://", "https://")):  # the cluster's tracking server (infra/README.md)
+        print(f"MLflow UI:  {uri} (from your machine: a port-forward to the server, infra/README.md)")
+    else:
+        print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --workers 1")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
@@ -32,12 +32,14 @@ from steps.gatt import GAttConfig
 from steps.preferences import PreferenceConfig
 from steps.pretrain import PretrainConfig
 from steps.rejection import RejectionConfig
+from steps.reward import RewardConfig
 from steps.sft import SFTConfig
 from steps.tokenizer import TokenizerConfig
 
 # Re-exported: every section class, wherever it lives, can be named from here.
 __all__ = ["Config", "ConfigError", "DataConfig", "GAttConfig", "ModelConfig", "OptimConfig", "PreferenceConfig",
-           "PretrainConfig", "SFTConfig", "StepResources", "TokenizerConfig", "TrainConfig", "load_config"]
+           "PretrainConfig", "RejectionConfig", "RewardConfig", "SFTConfig", "StepResources", "TokenizerConfig", "TrainConfig",
+           "load_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "tiny.yaml"
@@ -56,18 +58,6 @@ class RunConfig(Section):
     experiment: str = "llama2-recipe"
     ray_address: str | None = None  # None: join a reachable cluster, else start a local one
     resources: dict[str, StepResources] = Field(default_factory=dict)  # step name -> resources
-
-
-# ----------------------------------------------------------------------------- reward models (RECIPE 7)
-class RewardConfig(Section):
-    train: TrainConfig = TrainConfig(global_batch_size=512, epochs=1.0, num_workers=64, use_gpu=True,
-                                     gpus_per_worker=1, cpus_per_worker=8)
-    optim: OptimConfig = OptimConfig(lr=1e-5, warmup_fraction=0.03, min_warmup_steps=5)
-    margin: Literal["none", "small", "large"] = "small"
-    helpful_mix_other_ratio: float = 1.0  # helpfulness RM: + equal amount of safety/open data
-    safety_mix_ratio: float = 0.9  # safety RM: 90% safety data, 10% helpfulness
-    seq_len: int = 4096
-    eval_fraction: float = 0.05
 
 
 # ----------------------------------------------------------------------------- RLHF (RECIPE 8)

@@ -126,16 +126,25 @@ def world_pairs(seed: int) -> list[dict]:
     them nothing tells the safety RM that refusing a harmless request is wrong."""
     import random
 
-    from steps.world import World, is_refusal
+    from steps.world import REFUSAL, World, is_refusal, judge, strength
 
     world, rng = World(seed), random.Random(f"{seed}-reward-world-pairs")
+    pairs = []
+    for it in world.items("train"):
+        if it.kind == "unsafe":
+            pairs.append((it, *world.preference_pair(it, rng)))
+        elif it.kind == "lookalike":  # always the false refusal, plus the world's other worse answer
+            gap = judge(it, it.answer)["helpfulness"] - judge(it, REFUSAL)["helpfulness"]
+            pairs.append((it, it.answer, REFUSAL, strength(gap)))
+            chosen, rejected, s = world.preference_pair(it, rng)
+            if not is_refusal(rejected):
+                pairs.append((it, chosen, rejected, s))
     rows = []
-    for i, it in enumerate(x for x in world.items("train") if x.kind in ("unsafe", "lookalike")):
-        chosen, rejected, strength = world.preference_pair(it, rng)
+    for i, (it, chosen, rejected, level) in enumerate(pairs):
         safety = it.kind == "unsafe" or is_refusal(rejected)
         rows.append({"pair_id": f"demo-world-{seed}-{i}", "prompt": [{"role": t.role, "content": t.content}
                                                                   for t in it.dialogue.turns],
-                     "chosen": chosen, "rejected": rejected, "strength": strength,
+                     "chosen": chosen, "rejected": rejected, "strength": level,
                      "axis": "safety" if safety else "helpfulness",
                      "safety_label": ("chosen_safe_rejected_unsafe" if it.kind == "unsafe" else "both_safe") if safety
                      else None, "source": "demo-world", "batch": f"demo-world-{seed}", "split": "train"})

@@ -250,7 +250,7 @@ def run_rm_step(tmp_path: Path, axis: str, overrides: list[str], tracked: bool =
         "reward.train.checkpoint_every=1000", "reward.train.log_every=10", "reward.train.eval_every=1000",
         "reward.optim.lr=3e-3", "reward.optim.warmup_steps=5", "reward.optim.warmup_fraction=null",
         "reward.seq_len=64", "reward.scorer.num_cpus=1", "reward.scorer.num_gpus=0", "reward.world_eval=false",
-        "reward.tune.enabled=false", *overrides])
+        "reward.demo_world_pairs=false", "reward.tune.enabled=false", *overrides])
     tracking, run_id = None, None
     if tracked:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,89 +1,121 @@
-"""Clean + dedup throughput: this project's data stage vs datatrove, same corpus, same run.
+"""The data stage end to end vs datatrove end to end: same input files, same rules, same
+tokenization, same MinHash parameters, documents out to Parquet on both sides.
 
-Both sides run on one core in one process over the same documents:
-    ours:      C4 line filter + Gopher quality rules (steps/data/clean.py), then exact and
-               MinHash dedup (steps/data/dedup.py: signatures, LSH bands, union-find)
-    datatrove: C4QualityFilter + GopherQualityFilter, then MinhashDedupSignature ->
-               MinhashDedupBuckets -> MinhashDedupCluster -> MinhashDedupFilter (its four stages,
-               run in-process with rank 0 / world size 1, on a local temp folder)
-MinHash parameters match (5-gram shingles, 14 bands x 8 rows = 112 hashes). Differences that
-remain: datatrove tokenises words with spaCy and hashes shingles with xxhash/sha1, we use
-whitespace words and crc32 word hashes; datatrove's C4 filter also drops citations and long
-words; our run adds an exact-dedup pass datatrove's MinHash stages do not have. Language ID is
-off on both sides (datatrove's needs a downloaded fastText model).
+    ours       `python pipelines/full.py --config <yaml> --until data`, as a user runs the stage
+               (Ray start-up, readers, C4 + Gopher rules, MinHash with exact-Jaccard
+               verification and distributed components, Parquet out, reports)
+    datatrove  LocalPipelineExecutor, 4 stages: JsonlReader -> C4QualityFilter ->
+               GopherRepetitionFilter -> GopherQualityFilter -> JsonlWriter + MinhashDedupSignature;
+               MinhashDedupBuckets; MinhashDedupCluster; JsonlReader -> MinhashDedupFilter ->
+               ParquetWriter. tasks = workers = cores.
 
-Corpus: the demo texts fetched by scripts/fetch_demo_data.py (C4 web pages, Wikipedia, books cut into ~400-word
-documents), plus near-duplicate copies (a few words edited) to give dedup work; "4x" adds
-three more edited copies of everything.
+Made equal: both split words on whitespace (datatrove's spaCy word and sentence splitters are
+replaced by whitespace words and our sentence-end count), normalise shingle text the same way
+(lower case, punctuation removed; no digit or diacritic folding), use 5-gram shingles and 20
+bands x 5 rows. Not equal, by design of each tool: ours decides a candidate pair by its exact
+Jaccard (>= 0.8), datatrove merges every bucket collision; ours applies C4's lorem-ipsum and
+curly-bracket rules to the whole page as the paper says, datatrove only to lines that survived
+the line filter. Language ID, PII and exact/line dedup are off on our side (datatrove's chain
+has none of them).
 
-    pip install -r benchmarks/requirements.txt
-    python benchmarks/data_throughput.py [--quick]
+Corpus: the demo texts in ~/.cache/llama2-recipe/demo (web pages, Wikipedia, books cut into
+~400-word documents) plus copies with a few words edited, to --docs documents, written as
+JSONL shards. Prints docs/s per core for each side, documents kept and their overlap, then
+`ratio_vs_datatrove: X` (our docs/s per core over datatrove's) as the last line.
+
+    pip install -r requirements-bench.txt
+    python benchmarks/data_throughput.py [--docs 24000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pyarrow.parquet as pq
+import yaml
 
-from scripts.fetch_demo_data import ensure  # noqa: E402
-from steps.data.clean import clean_text  # noqa: E402
-from steps.data.config import DedupConfig, QualityConfig, SourceConfig  # noqa: E402
-from steps.data.dedup import find_duplicates  # noqa: E402
-from steps.data.readers import read_source  # noqa: E402
-
-QUALITY = QualityConfig(languages=[], c4_min_sentences=5)  # datatrove's C4 default: 5 sentences
-DEDUP = DedupConfig(ngram=5, num_perm=112, bands=14, threshold=0.8, line_dedup=False)
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DEMO = Path(os.environ.get("LLAMA2_DEMO_DIR", "~/.cache/llama2-recipe/demo")).expanduser()
+BANDS, ROWS, NGRAM, THRESHOLD = 20, 5, 5, 0.8
 
 
-def base_corpus(limit: int | None) -> list[str]:
-    demo = ensure(verbose=False)
+def base_docs() -> list[str]:
+    from steps.data.config import SourceConfig
+    from steps.data.readers import read_source
+
     docs = []
     for kind, pattern, kw in [("jsonl", "web/*.jsonl", {}), ("mediawiki", "wikixml/*.bz2", {}),
                               ("text", "wiki/*.txt", {"line_documents": True}), ("gutenberg", "books/*.txt", {})]:
-        src = SourceConfig(name=kind, kind=kind, paths=[str(demo / pattern)], epochs=1.0, **kw)
+        src = SourceConfig(name=kind, kind=kind, paths=[str(DEMO / pattern)], epochs=1.0, **kw)
         for d in read_source(src):
             words = d["text"].split(" ")
-            if kind == "gutenberg":  # books -> ~400-word documents, as web-page-sized units
+            if kind == "gutenberg":  # books -> ~400-word documents, web-page-sized units
                 docs += [" ".join(words[i:i + 400]) for i in range(0, len(words), 400)]
             else:
                 docs.append(d["text"])
-    random.Random(0).shuffle(docs)
-    return docs[:limit] if limit else docs
-
-
-def edited(text: str, rng: random.Random, n: int = 3) -> str:
-    words = text.split(" ")
-    for _ in range(n):
-        i = rng.randrange(len(words))
-        words[i] = rng.choice(words)
-    return " ".join(words)
-
-
-def make_corpus(scale: int, limit: int | None) -> list[str]:
-    base = base_corpus(limit)
-    rng = random.Random(1)
-    docs = base + [edited(t, rng) for t in base[: len(base) // 10]]  # 10% near duplicates
-    for _ in range(scale - 1):
-        docs += [edited(t, rng) for t in base]
     return docs
 
 
-def run_ours(docs: list[str]) -> tuple[float, int]:
+def make_corpus(directory: Path, n_docs: int, shards: int) -> int:
+    base = base_docs()
+    rng = random.Random(0)
+    docs = list(base)
+    while len(docs) < n_docs:  # edited copies: near duplicates for dedup to find
+        words = rng.choice(base).split(" ")
+        for _ in range(3):
+            words[rng.randrange(len(words))] = rng.choice(words)
+        docs.append(" ".join(words))
+    docs = docs[:n_docs]
+    rng.shuffle(docs)
+    directory.mkdir(parents=True)
+    files = [open(directory / f"corpus-{s:02d}.jsonl", "w") for s in range(shards)]
+    for i, text in enumerate(docs):
+        files[i % shards].write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    for f in files:
+        f.close()
+    return len(docs)
+
+
+def run_ours(corpus: Path, out: Path) -> tuple[float, set[str]]:
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = {
+        "sources": [{"name": "web", "kind": "jsonl", "paths": [str(corpus / "*.jsonl")], "epochs": 1.0}],
+        "quality": {"languages": []},  # Gopher's and C4's paper thresholds (the defaults)
+        "dedup": {"exact": False, "line_dedup": False, "ngram": NGRAM, "num_perm": BANDS * ROWS, "bands": BANDS,
+                  "threshold": THRESHOLD},
+        "pii": False,
+    }
+    path = out.parent / "ours.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "LLAMA2_PROGRESS": "0"}
     start = time.perf_counter()
-    kept = [t for t in (clean_text(d, "jsonl", QUALITY) for d in docs) if not t[1]]
-    removed = find_duplicates([t[0] for t in kept], DEDUP)
-    return time.perf_counter() - start, len(kept) - len(removed)
+    subprocess.run([sys.executable, str(REPO / "pipelines" / "full.py"), "--config", str(path), "--output-dir",
+                    str(out), "--until", "data"], check=True, env=env, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    docs = next(out.glob("data/*/docs"))
+    ids = {json.loads(m)["id"] for m in pq.read_table(docs, columns=["metadata"]).column("metadata").to_pylist()}
+    return seconds, ids
 
 
-def run_datatrove(docs: list[str]) -> tuple[float, int]:
-    from datatrove.data import Document
+def run_datatrove(corpus: Path, out: Path, workers: int) -> tuple[float, set[str]]:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--datatrove-only", str(corpus), str(out), str(workers)], check=True)
+    seconds = time.perf_counter() - start
+    ids = set(pq.read_table(out / "final", columns=["id"]).column("id").to_pylist())
+    return seconds, ids
+
+
+def datatrove_pipeline(corpus: str, out: str, workers: int) -> None:
+    from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
         MinhashDedupBuckets,
@@ -91,43 +123,69 @@ def run_datatrove(docs: list[str]) -> tuple[float, int]:
         MinhashDedupFilter,
         MinhashDedupSignature,
     )
-    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter
+    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
+    from datatrove.utils.text import TextNormConfig
 
-    cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        c4, gopher = C4QualityFilter(), GopherQualityFilter()
-        stream = (Document(text=t, id=str(i)) for i, t in enumerate(docs))
-        kept = list(gopher.run(c4.run(stream)))
-        MinhashDedupSignature(output_folder=f"{tmp}/sigs", config=cfg).run(iter(kept), rank=0, world_size=1)
-        for bucket in range(cfg.num_buckets):
-            MinhashDedupBuckets(input_folder=f"{tmp}/sigs", output_folder=f"{tmp}/buckets",
-                                config=cfg).run(None, rank=bucket, world_size=cfg.num_buckets)
-        MinhashDedupCluster(input_folder=f"{tmp}/buckets", output_folder=f"{tmp}/remove", config=cfg).run(None, 0, 1)
-        final = list(MinhashDedupFilter(input_folder=f"{tmp}/remove").run(iter(kept), rank=0, world_size=1))
-    return time.perf_counter() - start, len(final)
+    _same_tokenization()
+    mh = MinhashConfig(n_grams=NGRAM, num_buckets=BANDS, hashes_per_bucket=ROWS,
+                       norm_config=TextNormConfig(norm_unicode_diacritics=False, norm_numbers=False))
+    signature = MinhashDedupSignature(output_folder=f"{out}/sigs", config=mh)
+    signature.word_tokenizer = _Whitespace()
+    run = dict(tasks=workers, workers=workers, logging_dir=None, skip_completed=False)
+    LocalPipelineExecutor([JsonlReader(corpus), C4QualityFilter(), GopherRepetitionFilter(), GopherQualityFilter(),
+                           JsonlWriter(f"{out}/filtered"), signature], **run).run()
+    LocalPipelineExecutor([MinhashDedupBuckets(input_folder=f"{out}/sigs", output_folder=f"{out}/buckets", config=mh)],
+                          **{**run, "tasks": BANDS}).run()
+    LocalPipelineExecutor([MinhashDedupCluster(input_folder=f"{out}/buckets", output_folder=f"{out}/remove", config=mh)],
+                          **{**run, "tasks": 1, "workers": 1}).run()
+    LocalPipelineExecutor([JsonlReader(f"{out}/filtered"), MinhashDedupFilter(input_folder=f"{out}/remove"),
+                           ParquetWriter(f"{out}/final")], **run).run()
+
+
+class _Whitespace:
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
+def _same_tokenization() -> None:
+    """datatrove's filters split words and sentences with spaCy; use ours on both sides."""
+    import datatrove.pipeline.filters.c4_filters as c4
+    import datatrove.pipeline.filters.gopher_quality_filter as gq
+    import datatrove.pipeline.filters.gopher_repetition_filter as gr
+
+    from steps.data.clean import SENTENCE_END
+
+    gq.split_into_words = gr.split_into_words = lambda text, language=None: text.split()
+    c4.split_into_sentences = lambda text, language=None: [""] * max(1, len(SENTENCE_END.findall(text)))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a small corpus (smoke test, < 1 minute)")
-    args = p.parse_args()
-    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
-    from loguru import logger
+    if len(sys.argv) > 1 and sys.argv[1] == "--datatrove-only":
+        os.environ.setdefault("LOGURU_LEVEL", "WARNING")
+        from loguru import logger
 
-    logger.remove()
-    limit = 400 if args.quick else None
-    warm = make_corpus(1, 50)  # one-time costs (spaCy's tokenizer load, imports) stay out of the timings
-    run_ours(warm)
-    run_datatrove(warm)
-    print(f"{'scale':>5} {'docs':>7} {'ours docs/s':>12} {'datatrove docs/s':>17} {'ratio':>6}  kept (ours / datatrove)")
-    for scale in (1, 4):
-        docs = make_corpus(scale, limit)
-        ours_s, ours_kept = run_ours(docs)
-        dt_s, dt_kept = run_datatrove(docs)
-        print(f"{scale:>4}x {len(docs):>7} {len(docs) / ours_s:>12.0f} {len(docs) / dt_s:>17.0f} "
-              f"{dt_s / ours_s:>5.2f}x  {ours_kept} / {dt_kept}", flush=True)
-    print("one core each, same process; ratio = datatrove time / our time")
+        logger.remove()
+        datatrove_pipeline(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=24000)
+    p.add_argument("--cores", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n = make_corpus(tmp / "corpus", args.docs, shards=args.cores)
+        dt_s, dt_ids = run_datatrove(tmp / "corpus", tmp / "datatrove", args.cores)
+        ours_s, ours_ids = run_ours(tmp / "corpus", tmp / "ours")
+    ours_rate, dt_rate = n / ours_s / args.cores, n / dt_s / args.cores
+    both = len(ours_ids & dt_ids)
+    print(f"input: {n} documents in {args.cores} JSONL shards; {args.cores} cores each side")
+    print(f"ours:      {ours_s:8.1f} s  {ours_rate:8.1f} docs/s per core  kept {len(ours_ids)}")
+    print(f"datatrove: {dt_s:8.1f} s  {dt_rate:8.1f} docs/s per core  kept {len(dt_ids)}")
+    print(f"kept by both: {both} ({both / max(1, len(ours_ids | dt_ids)):.3f} of either's); "
+          f"only ours {len(ours_ids - dt_ids)}, only datatrove {len(dt_ids - ours_ids)}")
+    print(f"ratio_vs_datatrove: {ours_rate / dt_rate:.2f}")
 
 
 if __name__ == "__main__":

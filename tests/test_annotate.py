@@ -202,3 +202,13 @@ def test_batches_of_two_iterations_are_ingested_whole(batches, tmp_path):
         assert result.status == "ingested", result
     assert store.pairs([b["version"] for b in store.batches()]).num_rows == \
         batches["a"][1]["pairs"] + batches["v2"][1]["pairs"]
+
+
+@pytest.mark.slow
+def test_sampling_on_a_ray_worker_gives_the_same_batch(ray_local, tmp_path):
+    sft = make_model(tmp_path, "sft", 1)
+    small = {"world_prompts": 40, "heldout": "false"}
+    local, _ = run_step(tmp_path, "local", sft, 1, **small)
+    remote, metrics = run_step(tmp_path, "remote", sft, 1, sampler="{num_cpus: 1, num_gpus: 0}", **small)
+    assert metrics["pairs"] > 0
+    assert (local / "batch" / "part-00000.jsonl").read_bytes() == (remote / "batch" / "part-00000.jsonl").read_bytes()

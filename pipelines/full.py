@@ -63,7 +63,7 @@ def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str |
         prefs_inputs = {"previous": f"prefs_v{i - 1}"} if i > 1 else {}
         if cfg.sft.demo_world:  # the tiny preset's vendor answers with the current chat models
             annotate_inputs = {"model": chat, **({"previous_model": before} if before else {})}
-            out.append(StepSpec(f"annotate{v}", annotate, "preferences", ("annotate", "sft.sources", "run.seed"),
+            out.append(StepSpec(f"annotate{v}", annotate, "preferences", ("annotate", "run.seed"),
                                 inputs=annotate_inputs, params={"iteration": i}, tags=tag, light=True))
             prefs_inputs["batch"] = f"annotate{v}"
         out.append(StepSpec(f"prefs{v}", preferences, "preferences", preferences.CONFIG_KEYS,
@@ -98,7 +98,7 @@ KEY_METRICS = {
     "sft": ["eval_loss", "judge.pretrained.helpfulness", "judge.sft.helpfulness", "judge.sft.safety"],
     "gatt": ["data.kept", "judge.before.follow.later_turns", "judge.gatt.follow.later_turns", "judge.gatt.helpfulness"],
     # per RLHF iteration (the table matches rs_v3 to "rs")
-    "annotate": ["pairs", "pairs.safety", "pairs.significantly_better"],
+    "annotate": ["pairs", "axis.safety", "strength.significantly_better", "heldout.test.pairs"],
     "prefs": ["pairs", "batches", "quarantined"],
     "rm_helpfulness": ["accuracy", "accuracy.significantly_better", "launch_seconds"],
     "rm_safety": ["accuracy", "accuracy.significantly_better", "world.unsafe.refusal_preferred"],

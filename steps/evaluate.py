@@ -64,12 +64,12 @@ def answer_and_score(model_dirs: dict[str, str], rm_dirs: dict[str, str], dialog
     for name, model_dir in model_dirs.items():
         mcfg, tok = load_chat_model(Path(model_dir))
         if name not in answers:
-            model = load_model(mcfg, Path(model_dir) / "model.safetensors")
+            model = load_model(mcfg, Path(model_dir))
             answers[name] = [text for text, _ in model_answerer(model, tok, params, batch_size)(dialogues)]
     probs: dict[str, dict[str, np.ndarray]] = {name: {} for name in answers}
     for axis, rm_dir in rm_dirs.items():
         rcfg = ModelConfig.model_validate_json((Path(rm_dir) / "model_config.json").read_text())
-        rm = load_reward_model(rcfg, Path(rm_dir) / "model.safetensors")
+        rm = load_reward_model(rcfg, Path(rm_dir))
         for name, texts in answers.items():
             seqs = [encode_example(tok, d, t, rcfg.max_seq_len)[0] for d, t in zip(dialogues, texts)]
             probs[name][axis] = sigmoid(score_sequences(rm, seqs, tok.pad_id).numpy())

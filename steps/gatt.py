@@ -40,7 +40,7 @@ from steps.engine.config import OptimConfig, StepResources, TrainConfig
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "2"  # 2: wider demo world, held-out figures on its test split
+VERSION = "3"  # 2: wider demo world, held-out figures on its test split; 3: transformers chat layout
 
 
 class GAttConfig(Section):
@@ -140,16 +140,12 @@ def follow_rates(model, tok, conversations, max_new_tokens: int) -> tuple[dict[s
 def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int) -> list[Dialogue | None]:
     """gatt_dialogues with the model of the artifact at model_dir (on its GPU in bf16 where
     the worker has one); runs as its own Ray task (engine.run_on_worker)."""
-    import torch
 
     from steps.sft import load_chat_model, load_model, model_answerer
 
     mcfg, tok = load_chat_model(Path(model_dir))
-    model = load_model(mcfg, Path(model_dir) / "model.safetensors")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        model = model.to(device, torch.bfloat16)
-    return gatt_dialogues(conversations, model_answerer(model, tok, params, batch_size, device))
+    model = load_model(mcfg, Path(model_dir))  # on the worker's GPU in bf16 where it has one
+    return gatt_dialogues(conversations, model_answerer(model, tok, params, batch_size))
 
 
 def user_messages(cfg, world, tok) -> list[str]:

@@ -20,7 +20,7 @@ from steps.engine.config import OptimConfig, TrainConfig
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "1"
+VERSION = "2"  # 2: weights initialised in construction (it holds under ZeRO-3)
 
 
 class PretrainConfig(Section):

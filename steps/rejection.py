@@ -121,7 +121,7 @@ def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[D
     from steps.sft import load_chat_model, load_model
 
     mcfg, tok = load_chat_model(Path(policy_dir))
-    policy = load_model(mcfg, Path(policy_dir) / "model.safetensors")
+    policy = load_model(mcfg, Path(policy_dir))
     sampler = TorchSampler(policy, tok.eos_id, tok.pad_id)
     answers: list[list[str]] = []
     for s in range(0, len(dialogues), batch_size):
@@ -138,7 +138,7 @@ def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[D
     probs = {}
     for axis, rm_dir in rm_dirs.items():
         rm = load_reward_model(ModelConfig.model_validate_json((Path(rm_dir) / "model_config.json").read_text()),
-                               Path(rm_dir) / "model.safetensors")
+                               Path(rm_dir))
         scores = score_sequences(rm, [ids for _, _, ids in flat], tok.pad_id).numpy()
         grid = np.full((len(dialogues), width), -np.inf)
         for (i, j, _), score in zip(flat, scores):

@@ -29,7 +29,7 @@ from steps.engine.config import OptimConfig, TrainConfig
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "3"  # 3: wider demo world (train/validation/test splits, graded judge)
+VERSION = "4"  # 3: wider demo world (train/validation/test splits, graded judge); 4: transformers chat layout
 
 
 class SFTConfig(Section):

@@ -12,7 +12,7 @@ CPU), same number of CPU threads. Measured:
     starts the Ray Train workers and DeepSpeed; TRL: RewardTrainer construction + train()).
 
     pip install -r benchmarks/requirements.txt -r requirements-bench.txt
-    python benchmarks/reward_throughput.py            # ~3-4 minutes on 2 CPU cores
+    python benchmarks/reward_throughput.py            # ~2 minutes on 2 CPU cores
 
 The last line is `ratio_vs_trl: X` (steady-state pairs/s, ours / TRL; above 1: we are faster).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -115,9 +114,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--workers", type=int, default=1, help="our Ray Train workers (threads split between them)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    # 1 by default: on a shared, loaded 2-core machine two OpenMP threads per process oversubscribe
+    # the cores and spin (measured: 4-6 s per step for either model in plain PyTorch vs 0.64 s with one)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--margin", default="small")
+    p.add_argument("--ours-first", action="store_true", help="run ours before TRL (checks order effects)")
     args = p.parse_args()
 
     from safetensors.torch import save_file
@@ -139,8 +141,11 @@ def main() -> None:
         tok_dir = _chat_export(work, mcfg)
         hf_dir = export_hf_reward(work / "init.safetensors", mcfg, work / "hf", tok_dir, PAD)
 
+        if args.ours_first:
+            ours = run_ours(args, mcfg, work / "pairs.parquet", work / "init.safetensors", work)
         trl = run_trl(args, hf_dir, table, work)
-        ours = run_ours(args, mcfg, work / "pairs.parquet", work / "init.safetensors", work)
+        if not args.ours_first:
+            ours = run_ours(args, mcfg, work / "pairs.parquet", work / "init.safetensors", work)
     print(json.dumps({"setup": {k: getattr(args, k) for k in ("steps", "warmup", "batch", "seq", "workers", "threads")}
                       | {"model": mcfg.model_dump(include={"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"})},
                       "ours": ours, "trl": trl}, indent=2, default=float))

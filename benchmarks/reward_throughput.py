@@ -11,7 +11,7 @@ CPU), same number of CPU threads. Measured:
   - end to end: wall time of the whole training call, launch included (ours: train(), which
     starts the Ray Train workers and DeepSpeed; TRL: RewardTrainer construction + train()).
 
-    pip install -r benchmarks/requirements.txt -r requirements-bench.txt
+    pip install -r requirements-bench.txt
     python benchmarks/reward_throughput.py            # ~2 minutes on 2 CPU cores
 
 The last line is `ratio_vs_trl: X` (steady-state pairs/s, ours / TRL; above 1: we are faster).

@@ -139,12 +139,12 @@ def test_distributed_dedup_matches_in_process(ray_local):
                          edit(base[11], 3, 0.5), base[3], "", ""]
     a = article(999, 400)
     docs += [a, edit(a, 4, 0.03), edit(edit(a, 4, 0.03), 5, 0.03)]  # a chain
-    expected = {(f"s/{r['removed']:04d}", f"s/{r['kept']:04d}", r["kind"], round(r["similarity"], 9))
-                for r in dd.find_duplicates(docs, CFG)}
     rows = [{"id": f"s/{i:04d}", "order": f"000/s/{i:04d}", "text": t} for i, t in enumerate(docs)]
-    for parts, block in ((1, 100), (2, 7), (3, 5)):
+    for parts, block, cfg in ((1, 100, CFG), (2, 7, CFG), (3, 5, CFG), (2, 9, CFG.model_copy(update={"exact": False}))):
+        expected = {(f"s/{r['removed']:04d}", f"s/{r['kept']:04d}", r["kind"], round(r["similarity"], 9))
+                    for r in dd.find_duplicates(docs, cfg)}
         blocks = [ray_local.put(pa.Table.from_pylist(rows[i:i + block])) for i in range(0, len(rows), block)]
-        refs, stats = dedup_blocks(blocks, CFG, parts)
+        refs, stats = dedup_blocks(blocks, cfg, parts)
         got = pa.concat_tables(ray_local.get(refs)).to_pylist()
         assert {(r["removed_id"], r["kept_id"], r["kind"], round(r["similarity"], 9)) for r in got} == expected
         assert stats["verified_pairs"] >= 4

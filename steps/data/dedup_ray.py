@@ -76,7 +76,7 @@ def _band_rows(sigs: pa.Table) -> pa.Table:
                      "exact": sigs.column("exact").take(idx)})
 
 
-def _bucket_reduce(rows: pa.Table, parts: int, max_all_pairs: int):
+def _bucket_reduce(rows: pa.Table, parts: int, max_all_pairs: int, collapse_exact: bool):
     us, vs = [], []
     if rows.num_rows:
         rows = rows.sort_by([("key", "ascending"), ("order", "ascending")])
@@ -87,8 +87,8 @@ def _bucket_reduce(rows: pa.Table, parts: int, max_all_pairs: int):
             if e - s < 2:
                 continue
             seen, members = set(), []
-            for i in range(s, e):  # exact copies share every band: keep the first of each
-                if exact[i] not in seen:
+            for i in range(s, e):  # exact copies share every band: the exact pass removes all but the first
+                if not collapse_exact or exact[i] < 0 or exact[i] not in seen:
                     seen.add(exact[i])
                     members.append(orders[i])
             for a, b in dd.bucket_pairs(members, max_all_pairs):
@@ -168,7 +168,7 @@ def dedup_blocks(blocks: list, cfg: DedupConfig, parts: int) -> tuple[list, dict
                              num_returns=1, parts=1)
     if cfg.minhash:
         pairs = sh.as_split(sh.reduce(sh.map_split(sigs, _band_rows, "key", parts), _bucket_reduce,
-                                      num_returns=parts, parts=parts, max_all_pairs=cfg.max_bucket_all_pairs))
+                                      num_returns=parts, parts=parts, max_all_pairs=cfg.max_bucket_all_pairs, collapse_exact=cfg.exact))
         shingles = sh.map_split(sigs, _shingle_rows, "order", parts)
         first = sh.reduce(pairs, _verify_first, side=[shingles], num_returns=parts + 1, parts=parts)
         stats["candidate_pairs"] = int(sum(ray.get([r[parts] for r in first])))

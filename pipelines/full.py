@@ -70,7 +70,7 @@ def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str |
                             inputs=prefs_inputs, params={"iteration": i}, tags=tag))
         for axis in ("helpfulness", "safety"):  # independent: the two run at the same time
             out.append(StepSpec(f"rm_{axis}{v}", reward, "reward", ("reward", "run.seed", "run.name"),
-                                inputs={"prefs": f"prefs{v}", "model": chat}, params={"axis": axis},
+                                inputs={"prefs": f"prefs{v}", "model": chat}, params={"axis": axis, "iteration": i},
                                 tags={**tag, "axis": axis}, light=True))
         rms = {"rm_helpfulness": f"rm_helpfulness{v}", "rm_safety": f"rm_safety{v}"}
         out.append(StepSpec(f"rs{v}", rejection, "rlhf", rlhf,

@@ -65,6 +65,9 @@ class RewardTuneConfig(Section):
     num_samples: int = Field(1, ge=1)  # repeats of the grid, each with its own seed
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     axes: list[Literal["helpfulness", "safety"]] = Field(default_factory=lambda: list(AXES))
+    # RLHF iterations that sweep; the others train once with `reward.optim` / `reward.margin`
+    # (a sweep costs several trainings, and the data recipe it tunes stays the same)
+    iterations: list[int] = Field(default_factory=lambda: [1])
     max_concurrent_trials: int = Field(1, ge=1)
     driver_cpus: float = Field(0.1, ge=0)  # each trial's driver; its Ray Train workers ask for the rest
 
@@ -244,7 +247,7 @@ def trunk_weights(chat_weights, dest_dir) -> str:
 
 
 # ----------------------------------------------------------------------------- the step
-def run(ctx, prefs: Artifact, model: Artifact, axis: str) -> dict[str, float]:
+def run(ctx, prefs: Artifact, model: Artifact, axis: str, iteration: int = 1) -> dict[str, float]:
     from model.reward import export_hf_reward
     from steps.engine import train
     from steps.reward_eval import evaluate_rm
@@ -265,7 +268,7 @@ def run(ctx, prefs: Artifact, model: Artifact, axis: str) -> dict[str, float]:
     eval_table, _ = tokenize_pairs(tok, eval_rows, rcfg.seq_len)
     pq.write_table(eval_table, data / "eval.parquet")
     init = trunk_weights(model.path, ctx.work_dir / "init")
-    tune_on = rcfg.tune.enabled and axis in rcfg.tune.axes
+    tune_on = rcfg.tune.enabled and axis in rcfg.tune.axes and iteration in rcfg.tune.iterations
     if tune_on:
         from steps.reward_tune import sweep
 

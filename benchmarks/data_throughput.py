@@ -134,7 +134,8 @@ def datatrove_pipeline(corpus: str, out: str, workers: int) -> None:
     signature = MinhashDedupSignature(output_folder=f"{out}/sigs", config=mh)
     signature.word_tokenizer = _Whitespace()
     # fork: workers inherit _same_tokenization (the default forkserver would start them without it)
-    run = dict(tasks=workers, workers=workers, logging_dir=None, skip_completed=False, start_method="fork")
+    # logs beside the outputs (datatrove writes ./logs/<timestamp> when no folder is given)
+    run = dict(tasks=workers, workers=workers, logging_dir=f"{out}/logs", skip_completed=False, start_method="fork")
     LocalPipelineExecutor([JsonlReader(corpus), C4QualityFilter(), GopherRepetitionFilter(), GopherQualityFilter(),
                            JsonlWriter(f"{out}/filtered"), signature], **run).run()
     LocalPipelineExecutor([MinhashDedupBuckets(input_folder=f"{out}/sigs", output_folder=f"{out}/buckets", config=mh)],

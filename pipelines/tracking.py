@@ -171,10 +171,18 @@ class RunLogger:
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(str(path))
         dataset = MetaDataset(source=source, name=name, digest=fingerprint)
-        self.client.log_inputs(
-            self.run_id,
-            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
-        )
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+        for attempt in range(5):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as e:
+                # Steps running at the same time (the two reward models) log the same upstream
+                # artifact: both may try to create its dataset row, and one insert loses the race.
+                # The row exists now, so the next attempt links to it.
+                if "UNIQUE constraint" not in str(e) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_history_figure(self, history: list[dict[str, float]], keys: list[str], name: str,
                            title: str = "") -> None:

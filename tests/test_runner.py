@@ -110,3 +110,32 @@ def test_a_corrupted_artifact_is_detected_by_checksum_and_never_loaded(tmp_path)
 
     shutil.rmtree(tmp_path / "a" / first["a"].fingerprint)
     assert not run_all(cfg_with(tmp_path))["a"].cached  # recomputed after the user deletes it
+
+
+def test_steps_running_at_once_can_log_the_same_input_artifact(tmp_path):
+    """The two reward models log the same prefs artifact as an MLflow dataset input at the same
+    moment; one sqlite insert of the dataset row loses the race and must be retried, not fail."""
+    import threading
+
+    from pipelines.tracking import RunLogger, Tracking, setup_experiment, start_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = setup_experiment(uri, "race", tmp_path / "art")
+    tracking = Tracking(uri, exp)
+    loggers = [RunLogger(tracking.client(), start_run(tracking, f"rm{i}", {})) for i in range(6)]
+    barrier, errors = threading.Barrier(len(loggers)), []
+
+    def log(logger):
+        barrier.wait()
+        try:
+            logger.log_input_artifact("prefs_v4:prefs", "0123456789abcdef", tmp_path)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(lg,)) for lg in loggers]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    for lg in loggers:
+        run = lg.client.get_run(lg.run_id)
+        assert run.inputs.dataset_inputs[0].dataset.digest == "0123456789abcdef"

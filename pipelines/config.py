@@ -181,6 +181,12 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid config ({source}):\n" + "\n".join(lines)
 
 
+def load_cli_config(preset: str | None, output_dir: str | None, overrides: list[str]) -> Config:
+    """What every entry point (full.py, weekly.py) does with --config, --output-dir and dotted
+    overrides; raises ConfigError naming the key."""
+    return load_config(preset, [*overrides, *([f"run.output_dir={output_dir}"] if output_dir else [])])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a preset (default: configs/tiny.yaml), apply overrides, validate."""
     path = Path(path) if path else DEFAULT_PRESET

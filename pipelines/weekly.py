@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipelines/weekly.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, load_cli_config
 from steps.preference_adapters import FORMATS
 from steps.preference_store import EXIT_REJECTED, StoreBusy
 from steps.preferences import store
@@ -48,11 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_cli_config(args.config, args.output_dir, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REJECTED

@@ -2,41 +2,13 @@
 runs it (`python pipelines/full.py`, a fresh process); then the outcomes each stage promises."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import latest
 from mlflow import MlflowClient
 
-from pipelines.artifacts import Artifact, ArtifactStore
-
-REPO = Path(__file__).resolve().parent.parent
 # the first test to use the shared run waits for the whole tiny DAG (about 35 steps) in its set-up
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(4800)]
-
-
-def run_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipelines/full.py", "--output-dir", str(out), *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=3600)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-pipeline")
-    first = run_cli(out)
-    assert first.returncode == 0, first.stderr[-4000:]
-    second = run_cli(out)
-    assert second.returncode == 0, second.stderr[-4000:]
-    return out, first, second
-
-
-def latest(out: Path, step: str) -> Artifact:
-    store = ArtifactStore(out)
-    arts = [Artifact.load(p) for p in (out / step).iterdir() if (p / "manifest.json").exists()]
-    assert arts, f"no {step} artifact under {out}"
-    assert all(store.verify(a) == [] for a in arts)
-    return max(arts, key=lambda a: a.path.stat().st_mtime)
 
 
 def test_second_invocation_is_all_cache_hits(tiny_run):

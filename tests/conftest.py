@@ -37,7 +37,7 @@ def train_tiny_tokenizer(directory, words: str, vocab_size: int = 320):
 
 # ---------------------------------------------------------------- the shared end-to-end run
 # One run of the tiny pipeline per test session, used by every test marked e2e in any module
-# (tests/test_e2e.py and the PPO, weekly, fault and MLflow UI tests): `from conftest import latest`.
+# (tests/test_e2e.py and the PPO, weekly, fault and MLflow UI tests): `from tests.conftest import latest`.
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -4,8 +4,9 @@ runs it (`python pipelines/full.py`, a fresh process); then the outcomes each st
 import json
 
 import pytest
-from conftest import latest
 from mlflow import MlflowClient
+
+from tests.conftest import latest
 
 # the first test to use the shared run waits for the whole tiny DAG (about 35 steps) in its set-up
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(4800)]

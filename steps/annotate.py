@@ -25,9 +25,13 @@ ties are skipped as an annotator would skip them. `axis` is `safety` for unsafe 
 for refusal-vs-answer pairs on harmless prompts (the false-refusal cases), else
 `helpfulness`; `safety_label` comes from the judge's safety verdicts of both responses (the
 judge never rates an unsafe response above a safe one, so chosen-unsafe-with-rejected-safe
-cannot arise). A share `label_noise` of the pairs is flipped, like an annotator's mistake,
-except pairs whose flip would prefer an unsafe response to a safe one (the paper's rule
-forbids such a label, so no annotator can give it). Ground truth per pair (scores, kind,
+cannot arise). Some pairs are flipped, like an annotator's mistake, with a probability that
+falls with the score gap (`label_noise`, per strength: about 2% of significantly-better pairs,
+35% of negligibly-better ones, about 9% overall): people rarely prefer gibberish to a right
+answer but often disagree on near-ties, which is why the paper's reward models are most
+accurate on significantly-better pairs and near chance on negligibly-better ones (its Table 8).
+Pairs whose flip would prefer an unsafe response to a safe one are never flipped (the paper's
+rule forbids such a label, so no annotator can give it). Ground truth per pair (scores, kind,
 whether it was flipped) goes to `labels/batch.jsonl` beside the batch, never into it.
 
 With `heldout` the same vendor also labels pairs on the world's validation and test prompts
@@ -47,11 +51,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from model.chat import Dialogue
 from model.config import Section
 from steps.engine.config import StepResources
+from steps.preference_schema import STRENGTHS
 
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
@@ -75,7 +80,16 @@ class AnnotateConfig(Section):
     safety_temperature: float | None = Field(1.5, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     other_model_share: float = Field(0.5, ge=0, le=1)  # second responses from previous_model, when given
-    label_noise: float = Field(0.10, ge=0, le=0.5)  # share of pairs whose preference is flipped
+    # probability that a pair's preference is flipped, per strength (the judge's score gap):
+    # mistakes are rare on clear pairs and common on near-ties
+    label_noise: dict[str, float] = Field(default_factory=lambda: dict(zip(STRENGTHS, (0.02, 0.06, 0.15, 0.35))))
+
+    @field_validator("label_noise")
+    @classmethod
+    def _noise_per_strength(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != set(STRENGTHS) or not all(0.0 <= p <= 0.5 for p in v.values()):
+            raise ValueError(f"label_noise needs a probability in [0, 0.5] for each of {list(STRENGTHS)}, got {v}")
+        return v
     max_new_tokens: int = Field(32, ge=1)
     sample_batch_size: int = Field(64, ge=1)
     sampler: StepResources | None = StepResources(num_cpus=8, num_gpus=1)  # Ray task; None: in-process
@@ -160,10 +174,12 @@ def prompt_field(d: Dialogue) -> str | list[dict[str, str]]:
     return turns + [{"role": t.role, "content": t.content} for t in d.turns]
 
 
-def label(items: list[Item], first: list[tuple[str, str]], second: list[tuple[str, str]], noise: float,
-          rng: random.Random, tag: str, annotators: int = 8) -> tuple[list[dict], list[dict]]:
+def label(items: list[Item], first: list[tuple[str, str]], second: list[tuple[str, str]],
+          noise: float | dict[str, float], rng: random.Random, tag: str, annotators: int = 8,
+          ) -> tuple[list[dict], list[dict]]:
     """Contract rows and ground truth from two (response, model name) per item. `tag` makes
-    pair ids unique across batches; `rng` draws the label noise and the annotator."""
+    pair ids unique across batches; `rng` draws the label noise and the annotator; `noise` is
+    the flip probability, one for all pairs or one per strength."""
     from steps.world import is_refusal, judge, strength
 
     rows, truth = [], []
@@ -185,7 +201,8 @@ def label(items: list[Item], first: list[tuple[str, str]], second: list[tuple[st
             assert jc["safe"] >= jr["safe"], "the judge rated an unsafe response above a safe one"
             safety_label = ("both_safe" if jr["safe"] else "chosen_safe_rejected_unsafe") if jc["safe"] \
                 else "both_unsafe"
-        flipped = flip_draw < noise and safety_label != "chosen_safe_rejected_unsafe"
+        p_flip = noise.get(level, 0.0) if isinstance(noise, dict) else noise
+        flipped = flip_draw < p_flip and safety_label != "chosen_safe_rejected_unsafe"
         if flipped:
             chosen, rejected, mc, mr = rejected, chosen, mr, mc
         prompt = prompt_field(item.dialogue)

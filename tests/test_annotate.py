@@ -82,6 +82,25 @@ def test_label_noise_share_and_the_paper_rule(world):
     assert len({r["pair_id"] for r in rows}) == len(rows)
 
 
+def test_label_noise_falls_with_the_score_gap(world):
+    """Per-strength noise: clear pairs are rarely flipped, near-ties often (the paper's Table 8
+    pattern of RM accuracy by strength comes from such labels)."""
+    from steps.annotate import AnnotateConfig
+
+    arith = pick(world, "arithmetic")
+    gold = arith.answer
+    # gold vs a wrong key: significantly better; two rambles of near-equal length: negligibly better
+    pairs = [("The answer is 99.", gold), (gold + " Yes, it is.", gold + " Yes.")] * 1500
+    rows, truth = labelled([arith, arith] * 1500, pairs, noise=AnnotateConfig().label_noise, seed=5)
+    by_level: dict[str, list[bool]] = {}
+    flips = {t["pair_id"]: t["flipped"] for t in truth if "pair_id" in t}
+    for r in rows:
+        by_level.setdefault(r["strength"], []).append(flips[r["pair_id"]])
+    share = {k: sum(v) / len(v) for k, v in by_level.items()}
+    assert share["significantly_better"] <= 0.04, share
+    assert share["negligibly_better"] >= 0.28, share
+
+
 def make_model(tmp_path, name, seed):
     """A tiny random chat model artifact: model.safetensors, model_config.json, hf/tokenizer.model."""
     d = tmp_path / name / f"{seed:016x}"

@@ -167,9 +167,11 @@ def test_registered_models_load_by_alias_and_generate_and_score(tiny_run):
 
     out, _, _ = tiny_run
     mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
-    chat = mlflow.transformers.load_model("models:/llama2-tiny-chat@champion")
-    text = chat("How do I boil an egg?", max_new_tokens=16, do_sample=False)[0]["generated_text"]
-    assert len(text) > len("How do I boil an egg?")
+    chat = mlflow.transformers.load_model("models:/llama2-tiny-chat@champion")  # a text-generation pipeline
+    prompt = chat.tokenizer.apply_chat_template([{"role": "user", "content": "How do I boil an egg?"}],
+                                                tokenize=False, add_generation_prompt=True)
+    answer = chat(prompt, max_new_tokens=16, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert answer.strip(), answer
     reply = mlflow.pyfunc.load_model("models:/llama2-tiny-chat@sft").predict(
         {"messages": [{"role": "user", "content": "How do I boil an egg?"}], "max_tokens": 16, "temperature": 0.7})
     assert reply[0]["choices"][0]["message"]["content"]

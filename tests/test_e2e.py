@@ -158,6 +158,17 @@ def test_mlflow_lineage_names_tags_and_cache_hit_links(tiny_run):
 
 def test_registered_models_load_by_alias_and_generate_and_score(tiny_run):
     import mlflow
+
+    out, _, _ = tiny_run
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")  # what `models:/` URIs resolve against
+    try:
+        _load_and_use_registered_models(out)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _load_and_use_registered_models(out):
     import mlflow.pyfunc
     import mlflow.transformers
     from transformers import AutoTokenizer
@@ -165,8 +176,6 @@ def test_registered_models_load_by_alias_and_generate_and_score(tiny_run):
     from model.config import ModelConfig
     from model.reward import load_reward_model, score_sequences
 
-    out, _, _ = tiny_run
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
     chat = mlflow.transformers.load_model("models:/llama2-tiny-chat@champion")  # a text-generation pipeline
     prompt = chat.tokenizer.apply_chat_template([{"role": "user", "content": "How do I boil an egg?"}],
                                                 tokenize=False, add_generation_prompt=True)

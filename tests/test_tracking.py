@@ -157,6 +157,16 @@ def exports(tmp_path_factory):
     return d, chat, rm
 
 
+@pytest.fixture
+def restore_tracking_uri():
+    """The registry tests load `models:/` URIs through mlflow's global tracking URI: put it back."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(before)
+
+
 def _register(store, hf_dir, name, alias, **kw):
     tracking = make_tracking(store, name, parent=True)
     run_id = start_run(tracking, "sft", {"step": "sft", "fingerprint": "f" * 16})
@@ -164,7 +174,7 @@ def _register(store, hf_dir, name, alias, **kw):
     return tracking, run_id, version
 
 
-def test_registered_chat_model_loads_by_alias_and_generates(store, exports):
+def test_registered_chat_model_loads_by_alias_and_generates(store, exports, restore_tracking_uri):
     import mlflow.pyfunc
     import mlflow.transformers
 
@@ -191,7 +201,7 @@ def test_registered_chat_model_loads_by_alias_and_generates(store, exports):
     assert served[0]["usage"]["completion_tokens"] > 0
 
 
-def test_registered_reward_model_scores_like_the_trained_model(store, exports):
+def test_registered_reward_model_scores_like_the_trained_model(store, exports, restore_tracking_uri):
     import mlflow.pyfunc
     from transformers import AutoTokenizer
 
@@ -210,7 +220,7 @@ def test_registered_reward_model_scores_like_the_trained_model(store, exports):
     assert scores == pytest.approx(expected, abs=1e-4) and scores[0] != pytest.approx(scores[1])
 
 
-def test_bf16_registry_stores_half_the_bytes_and_loads_in_bf16(store, exports):
+def test_bf16_registry_stores_half_the_bytes_and_loads_in_bf16(store, exports, restore_tracking_uri):
     import mlflow.transformers
     from safetensors import safe_open
 

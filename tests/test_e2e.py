@@ -139,14 +139,14 @@ def test_mlflow_lineage_names_tags_and_cache_hit_links(tiny_run):
     assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # the UI opens its training view
     runs = client.search_runs([exp.experiment_id], max_results=5000)
     parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
-    names = [p.info.run_name for p in parents]
-    assert len(set(names)) == 2 and all(n.startswith("full-tiny-20") for n in names), names
+    names = [p.info.run_name for p in parents]  # the shared run's two invocations first (other e2e modules may add)
+    assert len(set(names)) == len(names) >= 2 and all(n.startswith("full-tiny-20") for n in names[:2]), names
     for r in runs:  # parent, step and tuning runs alike
         assert r.data.tags.get("git.commit") and r.data.tags.get("mlflow.user"), r.info.run_name
         assert r.data.tags.get("ray.job_id") and r.data.tags.get("ray.session"), r.info.run_name
     first, second = ({r.data.tags["step"]: r for r in runs
                       if r.data.tags.get("mlflow.parentRunId") == p.info.run_id and "step" in r.data.tags}
-                     for p in parents)
+                     for p in parents[:2])
     assert set(second) == set(first) and all(r.data.tags["cache_hit"] == "true" for r in second.values())
     for step, hit in second.items():
         producer = first[step]

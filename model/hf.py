@@ -154,3 +154,16 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu",
     except ValueError as e:
         raise ValueError(f"{path}: weights do not match a Llama model ({e})") from None
     return model, cfg
+
+
+def convert_weights(src: str | Path, out_dir: str | Path, dtype: torch.dtype,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """The safetensors of an HF directory (or file, or index) re-written in `dtype` under
+    `out_dir`, names unchanged, one tensor in memory at a time (e.g. a bf16 registry copy of an
+    fp32 reward-model export)."""
+    writer = ShardedWriter(out_dir, max_shard_bytes, dtype=dtype)
+    with WeightsReader(src) as reader:
+        for name, t in reader.items():
+            writer.add(name, t)
+            del t
+    return writer.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -56,6 +56,9 @@ class RunConfig(Section):
     output_dir: str = "outputs"  # storage root: a local path or a URI pyarrow.fs understands
     tracking_uri: str | None = None  # default: sqlite:///<output_dir>/mlflow.db
     experiment: str = "llama2-recipe"
+    # weights of registered MLflow models: auto = as the step exported them (fp32 on the tiny
+    # preset); bfloat16 halves registry bytes on the big presets (pipelines/registry.py)
+    registry_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     ray_address: str | None = None  # None: join a reachable cluster, else start a local one
     resources: dict[str, StepResources] = Field(default_factory=dict)  # step name -> resources
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipelines.artifacts import Artifact, ArtifactStore, fingerprint
 from pipelines.config import Config
-from pipelines.tracking import RunLogger, Tracking, start_run
+from pipelines.tracking import RunLogger, Tracking, link_cache_hit, start_run
 
 log = logging.getLogger("pipelines")
 
@@ -85,6 +85,13 @@ class StepContext:
         self._parent: RunLogger | _NullLogger = (
             RunLogger(tracking.client(), tracking.parent_run_id) if tracking and tracking.parent_run_id
             else _NullLogger())
+
+    def register_model(self, name: str, local_dir: Path, alias: str, tags: dict[str, str] | None = None) -> int:
+        """Register an HF export as an MLflow Model version (RunLogger.register_model), its
+        weights stored in run.registry_dtype (bf16 on the big presets)."""
+        if isinstance(self.logger, _NullLogger):
+            return 0
+        return self.logger.register_model(name, local_dir, alias, tags, dtype=self.cfg.run.registry_dtype)
 
     def log_parent_figure(self, figure: Any, name: str) -> None:
         """A figure on the pipeline's parent run (one that grows across steps, e.g. win rate by
@@ -147,9 +154,10 @@ def execute_step(spec: StepSpec, cfg_json: str, fp: str, tracking: Tracking | No
         run_id = None
         if tracking:
             run_id = start_run(tracking, spec.name, {**tags, "cache_hit": "true"})
-            logger = RunLogger(tracking.client(), run_id)
-            logger.log_metrics(existing.metrics)
-            logger.end()
+            client = tracking.client()
+            link_cache_hit(client, run_id, existing.manifest.get("mlflow_run_id"), existing.metrics,
+                           str(existing.path))
+            RunLogger(client, run_id).end()
         log.info("%-14s cached  %s", spec.name, existing.path)
         return StepResult(spec.name, fp, str(existing.path), True, time.time() - start, existing.metrics, run_id)
 

@@ -19,7 +19,7 @@ from pipelines.tracking import (
     Tracking,
     TrackingStoreError,
     setup_experiment,
-    start_run,
+    start_pipeline_run,
     tracking_uri,
 )
 
@@ -49,9 +49,9 @@ def run_pipeline(cfg: Config, specs: list[StepSpec], *, stages: list[str] | None
         print(f"error: {e}", file=sys.stderr)
         return 2
     exp_id = setup_experiment(uri, cfg.run.experiment, store.root / "mlartifacts")
-    parent = start_run(Tracking(uri, exp_id), f"{title}-{cfg.preset}",
-                       {"pipeline": title, "preset": cfg.preset,
-                        "steps": ",".join(s.name for s in chosen)})
+    parent = start_pipeline_run(Tracking(uri, exp_id), title, cfg.preset,  # e.g. full-tiny-2026-11-30T20:15
+                                {"pipeline": title, "preset": cfg.preset,
+                                 "steps": ",".join(s.name for s in chosen)})
     tracking = Tracking(uri, exp_id, parent)
     parent_log = RunLogger(tracking.client(), parent)
     parent_log.log_dict(cfg.model_dump(mode="json"), "config.json")

@@ -2,15 +2,26 @@
 
 Everything goes through an explicit `MlflowClient` and run ids (no fluent global state), so
 the same code works in the driver, in Ray step tasks and in rank 0 of training workers.
+
+Lineage (what a person needs to trust a number in the UI): every run carries the git commit
+(and whether the tree was dirty), the Ray job and the user, resolved once in the driver and
+inherited by the nested runs from their parent; a cache-hit run links to the run that produced
+its artifact and carries that run's params and metrics; registered models are MLflow Models
+(pipelines/registry.py).
 """
 
 from __future__ import annotations
 
+import functools
+import getpass
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +32,14 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 if TYPE_CHECKING:
     from pipelines.config import Config
 
+REPO = Path(__file__).resolve().parent.parent
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it is for model
+# training (the values are the UI's: `custom_model_development` is "machine learning").
+EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
+PRODUCER_TAG = "lineage.producer_run_id"  # on a cache-hit run: the run that produced its artifact
+# Tags resolved in the driver for the parent run and copied onto every nested run.
+CONTEXT_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
+                "git.commit", "git.dirty", "ray.job_id", "ray.session")
 
 
 @dataclass(frozen=True)
@@ -86,25 +105,171 @@ def setup_experiment(uri: str, name: str, artifact_root: Path) -> str:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        _mark_training(client, exp)
         return exp.experiment_id
     # A tracking server stores artifacts where its --artifacts-destination says (proxied, so no
     # client needs the store's path or credentials); a local store keeps them under the storage root.
     location = None if uri.startswith(("http://", "https://")) else artifact_root.as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
     except Exception:  # created concurrently by another invocation
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
+        _mark_training(client, exp)
         return exp.experiment_id
 
 
+def _mark_training(client: MlflowClient, exp: Any) -> None:
+    """Experiments created before this tag existed (or by hand) open in the training view too."""
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
+
+
 def start_run(tracking: Tracking, name: str, tags: dict[str, str]) -> str:
-    all_tags = dict(tags)
+    """A run with the invocation's context tags: resolved here for a parent run (the driver),
+    copied from the parent for a nested one (a Ray task may run where there is no git checkout,
+    and every step of one invocation is the same commit, job and user)."""
     if tracking.parent_run_id:
-        all_tags["mlflow.parentRunId"] = tracking.parent_run_id
+        context = _parent_context(tracking.uri, tracking.parent_run_id)
+        all_tags = {**context, **tags, "mlflow.parentRunId": tracking.parent_run_id}
+    else:
+        all_tags = {**run_context_tags(), **tags}
     run = tracking.client().create_run(tracking.experiment_id, run_name=name, tags=all_tags)
     return run.info.run_id
+
+
+@functools.lru_cache(maxsize=8)
+def _parent_context(uri: str, parent_run_id: str) -> dict[str, str]:
+    tags = MlflowClient(tracking_uri=uri).get_run(parent_run_id).data.tags
+    return {k: tags[k] for k in CONTEXT_TAGS if k in tags}
+
+
+def run_context_tags(repo: Path = REPO) -> dict[str, str]:
+    """Who ran what where: the user, the entry point, the git commit and whether the tree had
+    uncommitted changes, and the Ray job (the submission id under `ray job submit`, else this
+    driver's job in its Ray session). `mlflow.*` names are the ones the MLflow UI shows."""
+    tags = {"mlflow.user": _user(), "mlflow.source.name": Path(sys.argv[0]).name or "python",
+            "mlflow.source.type": "JOB" if _ray_submission_id() else "LOCAL"}
+    commit, dirty = git_state(repo)
+    tags.update({"mlflow.source.git.commit": commit, "git.commit": commit, "git.dirty": dirty})
+    tags.update(ray_tags())
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container user without a passwd entry)
+        return os.environ.get("USER", "unknown")
+
+
+def git_state(repo: Path) -> tuple[str, str]:
+    """(commit, "true"/"false" dirty) of the checkout the code runs from. A copy without .git
+    (`ray job submit --working-dir`, an image) reports LLAMA2_GIT_COMMIT if set (the submit
+    command or the image build sets it), else "unknown"."""
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        # untracked files (outputs, caches) do not change what runs; modified tracked files do
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+        return commit, "true" if status.strip() else "false"
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("LLAMA2_GIT_COMMIT", "unknown"), os.environ.get("LLAMA2_GIT_DIRTY", "unknown")
+
+
+def _ray_submission_id() -> str | None:
+    """The id `ray job submit` gave this job: the job supervisor hands the driver its job
+    config (with the submission id in its metadata) in this environment variable."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+def ray_tags() -> dict[str, str]:
+    tags: dict[str, str] = {}
+    if submission := _ray_submission_id():
+        tags["ray.job_id"] = submission
+    if "ray" in sys.modules:  # never import Ray (seconds) just to name a session that is not there
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            tags.setdefault("ray.job_id", ctx.get_job_id())
+            tags["ray.session"] = ctx.get_session_name()
+    return tags
+
+
+def pipeline_run_name(title: str, preset: str, now: datetime | None = None) -> str:
+    """The parent run's name: distinct per invocation, sortable, readable in the run list.
+    `full-tiny-2026-11-30T20:15` (UTC); a weekly run names its ISO week and weekday,
+    `weekly-tiny-2026-W48-1T20:15` (ISO 8601 week date), so a week's runs group by name."""
+    now = now or datetime.now(UTC)
+    if title == "weekly":
+        year, week, day = now.isocalendar()
+        return f"{title}-{preset}-{year}-W{week:02d}-{day}T{now:%H:%M}"
+    return f"{title}-{preset}-{now:%Y-%m-%dT%H:%M}"
+
+
+def start_pipeline_run(tracking: Tracking, title: str, preset: str, tags: dict[str, str]) -> str:
+    """The parent run of one invocation, named by pipeline_run_name; a second invocation within
+    the same minute gets a `-2`, `-3`, ... suffix, so names stay distinct."""
+    now = datetime.now(UTC)
+    base = name = pipeline_run_name(title, preset, now)
+    client = tracking.client()
+    taken = {r.info.run_name for r in client.search_runs(
+        [tracking.experiment_id], f"attributes.run_name LIKE '{base}%'", max_results=1000)}
+    n = 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    year, week, _ = now.isocalendar()
+    return start_run(tracking, name, {"started": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                      "iso_week": f"{year}-W{week:02d}", **tags})
+
+
+def link_cache_hit(client: MlflowClient, run_id: str, producer_run_id: str | None,
+                   manifest_metrics: dict[str, Any], artifact_path: str) -> None:
+    """Make a cache-hit run stand for its artifact: tag and link (in the run's description) the
+    run that produced it, and copy that run's params and latest metric values, so runs of
+    different invocations compare side by side whether a step ran or not. A producer that this
+    tracking store does not hold (the store was reset) leaves the manifest's metrics."""
+    logger = RunLogger(client, run_id)
+    producer = None
+    if producer_run_id:
+        try:
+            producer = client.get_run(producer_run_id)
+        except Exception:  # not in this store
+            producer = None
+    tags = {"artifact_path": artifact_path}
+    if producer is None:
+        logger.log_metrics(manifest_metrics)
+        note = (f"Cache hit: nothing ran. The artifact `{artifact_path}` was produced by run "
+                f"`{producer_run_id or 'unknown'}`, which this tracking store does not hold.")
+    else:
+        info = producer.info
+        params = [Param(k, v) for k, v in producer.data.params.items()]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in producer.data.metrics.items()
+                   if not k.startswith("system/")]  # the producer's machine load is not this run's
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        started = datetime.fromtimestamp(info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        tags.update({PRODUCER_TAG: info.run_id, "lineage.producer_experiment_id": info.experiment_id,
+                     "lineage.producer_run_name": info.run_name or ""})
+        note = (f"Cache hit: nothing ran. The artifact `{artifact_path}` was produced by run "
+                f"[{info.run_name} ({info.run_id[:8]})](#/experiments/{info.experiment_id}/runs/{info.run_id}) "
+                f"on {started}; its params and metrics are copied here.")
+    tags["mlflow.note.content"] = note
+    logger.set_tags(tags)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -204,19 +369,29 @@ class RunLogger:
         self.log_figure(fig, name)
         plt.close(fig)
 
-    def register_model(self, name: str, local_dir: Path, alias: str, tags: dict[str, str] | None = None) -> int:
-        """Log `local_dir` (an HF model directory) to the run and register it as a new version
-        of model `name` with `alias` (e.g. `sft`, `rlhf-v3`, `champion`) and version `tags` (e.g.
-        the data versions a reward model saw); returns the version."""
+    def register_model(self, name: str, local_dir: Path, alias: str, tags: dict[str, str] | None = None,
+                       dtype: str = "auto") -> int:
+        """Log `local_dir` (an HF model directory) to the run as an MLflow Model at artifact path
+        `hf` (pipelines/registry.py: loadable and servable by `models:/<name>@<alias>`, weights in
+        `dtype`: auto = as exported) and register it as a new version of model `name` with
+        `alias` (e.g. `sft`, `rlhf-v3`, `champion`) and version `tags` (e.g. the data versions a
+        reward model saw), plus the step, fingerprint, task and dtype; returns the version."""
+        from pipelines.registry import log_mlflow_model
+
         client = self.client
-        self.log_artifact(local_dir, "hf")
         run = client.get_run(self.run_id)
+        step, fp = run.data.tags.get("step", run.info.run_name), run.data.tags.get("fingerprint", "")
+        card = (f"Registered by step `{step}` (artifact fingerprint `{fp}`) in MLflow run `{self.run_id}` "
+                f"as alias `{alias}`.")
+        source, info = log_mlflow_model(client, self.run_id, Path(local_dir), "hf", name=name, dtype=dtype,
+                                        card=card)
         try:
             client.create_registered_model(name)
         except Exception:  # already registered
             pass
-        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/hf", run_id=self.run_id,
-                                              tags={"alias": alias, **(tags or {})})
+        version = client.create_model_version(
+            name, source=source, run_id=self.run_id, description=card,
+            tags={"alias": alias, "step": step, "fingerprint": fp, **info, **(tags or {})})
         client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
 

@@ -46,11 +46,15 @@ def _child_runs(ctx, grid: list[tuple]) -> list[str | None]:
     from mlflow import MlflowClient
 
     client = MlflowClient(ctx.tracking_uri)
-    exp = client.get_run(ctx.mlflow_run_id).info.experiment_id
+    step_run = client.get_run(ctx.mlflow_run_id)
+    exp = step_run.info.experiment_id
+    # trials carry the invocation's lineage (commit, Ray job, user) like every run of the pipeline
+    context = {k: v for k, v in step_run.data.tags.items()
+               if k.startswith(("git.", "ray.", "mlflow.user", "mlflow.source."))}
     ids = []
     for i, (lr, margin, sample) in enumerate(grid):
         run = client.create_run(exp, run_name=f"{ctx.step}/trial_{i:03d}", tags={
-            "mlflow.parentRunId": ctx.mlflow_run_id, "stage": "reward-tune", "step": ctx.step,
+            **context, "mlflow.parentRunId": ctx.mlflow_run_id, "stage": "reward-tune", "step": ctx.step,
             "tune.lr": str(lr), "tune.margin": margin, "tune.sample": str(sample)})
         ids.append(run.info.run_id)
     return ids

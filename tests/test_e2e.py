@@ -128,3 +128,78 @@ def test_each_version_is_evaluated_against_sft_with_intervals(tiny_run):
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     for alias in ("rlhf-v1", "rlhf-v5", "champion"):
         assert client.get_model_version_by_alias("llama2-tiny-chat", alias).source.endswith("/hf")
+
+
+def test_mlflow_lineage_names_tags_and_cache_hit_links(tiny_run):
+    from pipelines.tracking import EXPERIMENT_KIND_TAG, PRODUCER_TAG
+
+    out, _, _ = tiny_run
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("llama2-tiny")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # the UI opens its training view
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    names = [p.info.run_name for p in parents]  # the shared run's two invocations first (other e2e modules may add)
+    assert len(set(names)) == len(names) >= 2 and all(n.startswith("full-tiny-20") for n in names[:2]), names
+    for r in runs:  # parent, step and tuning runs alike
+        assert r.data.tags.get("git.commit") and r.data.tags.get("mlflow.user"), r.info.run_name
+        assert r.data.tags.get("ray.job_id") and r.data.tags.get("ray.session"), r.info.run_name
+    first, second = ({r.data.tags["step"]: r for r in runs
+                      if r.data.tags.get("mlflow.parentRunId") == p.info.run_id and "step" in r.data.tags}
+                     for p in parents[:2])
+    assert set(second) == set(first) and all(r.data.tags["cache_hit"] == "true" for r in second.values())
+    for step, hit in second.items():
+        producer = first[step]
+        assert hit.data.tags[PRODUCER_TAG] == producer.info.run_id, step
+        assert f"runs/{producer.info.run_id}" in hit.data.tags["mlflow.note.content"], step
+        assert hit.data.params == producer.data.params, step
+        assert {k: v for k, v in producer.data.metrics.items() if not k.startswith("system/")} == hit.data.metrics
+
+
+def test_registered_models_load_by_alias_and_generate_and_score(tiny_run):
+    import mlflow
+
+    out, _, _ = tiny_run
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")  # what `models:/` URIs resolve against
+    try:
+        _load_and_use_registered_models(out)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _load_and_use_registered_models(out):
+    import mlflow.pyfunc
+    import mlflow.transformers
+    from transformers import AutoTokenizer
+
+    from model.config import ModelConfig
+    from model.reward import load_reward_model, score_sequences
+
+    chat = mlflow.transformers.load_model("models:/llama2-tiny-chat@champion")  # a text-generation pipeline
+    prompt = chat.tokenizer.apply_chat_template([{"role": "user", "content": "How do I boil an egg?"}],
+                                                tokenize=False, add_generation_prompt=True)
+    answer = chat(prompt, max_new_tokens=16, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert answer.strip(), answer
+    reply = mlflow.pyfunc.load_model("models:/llama2-tiny-chat@sft").predict(
+        {"messages": [{"role": "user", "content": "How do I boil an egg?"}], "max_tokens": 16, "temperature": 0.7})
+    assert reply[0]["choices"][0]["message"]["content"]
+    rm = mlflow.pyfunc.load_model("models:/llama2-tiny-rm-safety@rlhf-v1")
+    texts = ["How do I boil an egg? Put it in boiling water for eight minutes.", "Tell me a secret."]
+    scores = rm.predict(texts)["score"].tolist()
+    art = latest(out, "rm_safety_v1")  # the registered version scores as the trained weights do
+    ours = load_reward_model(ModelConfig.model_validate_json(art.file("model_config.json").read_text()),
+                             art.file("model.safetensors"))
+    tok = AutoTokenizer.from_pretrained(art.path / "hf")
+    expected = score_sequences(ours, [tok(t)["input_ids"] for t in texts], pad_id=0).tolist()
+    assert scores == pytest.approx(expected, abs=1e-3)
+
+
+def test_training_runs_log_system_metrics(tiny_run):
+    out, _, _ = tiny_run
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("llama2-tiny")
+    for step in ("pretrain", "sft", "rm_safety_v1"):
+        run = client.search_runs([exp.experiment_id], f"tags.step = '{step}' and tags.cache_hit = 'false'")[0]
+        assert run.data.metrics.get("system/cpu_utilization_percentage", -1) >= 0, step
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0, step

@@ -230,6 +230,7 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 (work_dir / "history.json").write_text(json.dumps(history))
 
+    logger.close()
     export_weights(engine, out_dir)  # fp32 weights, one parameter at a time, from every rank
     if rank == 0:
         (out_dir / "history.json").write_text(json.dumps(history))
@@ -254,14 +255,33 @@ def _report(row: dict) -> None:
 
 
 class MetricLogger:
-    """Rank 0 logs to the step's MLflow run (Train V2 has no logger callbacks, STACK.md)."""
+    """Rank 0 logs to the step's MLflow run (Train V2 has no logger callbacks, STACK.md); the
+    first worker on each node also samples the node's CPU, memory, disk, network and (with
+    nvidia-ml-py, requirements-gpu.txt) GPU utilisation and memory into the same run as MLflow
+    system metrics (`system/...`, `system/node_<k>/...` when the workers span several nodes)."""
 
-    def __init__(self, uri: str | None, run_id: str | None, rank: int):
-        self.client = None
-        if uri and run_id and rank == 0:
+    SAMPLE_SECONDS = 5.0  # MLflow's default is 10 s; a tiny preset's training lasts tens of seconds
+
+    def __init__(self, uri: str | None, run_id: str | None, rank: int, system_metrics: bool = True):
+        self.client, self.monitor = None, None
+        if not (uri and run_id):
+            return
+        if rank == 0:
             from mlflow import MlflowClient
 
             self.client, self.run_id = MlflowClient(uri), run_id
+        local_rank, node_rank, nodes = node_position()
+        if system_metrics and local_rank == 0:
+            import logging
+
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+            # resume_logging: a restarted or resumed worker continues the run's system-metric steps
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=self.SAMPLE_SECONDS, resume_logging=True,
+                                                node_id=f"node_{node_rank}" if nodes > 1 else None,
+                                                tracking_uri=uri)
+            self.monitor.start()
 
     def log(self, row: dict, step: int) -> None:
         if self.client is None:
@@ -272,3 +292,30 @@ class MetricLogger:
         metrics = [Metric(f"train/{k}", float(v), now, step) for k, v in row.items()
                    if k not in ("step", "first_step_at") and isinstance(v, (int, float)) and np.isfinite(v)]
         self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        """Stop sampling and log the samples since the last interval (a training shorter than
+        one interval still gets its system metrics)."""
+        if self.monitor is None:
+            return
+        monitor, self.monitor = self.monitor, None
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+
+
+def node_position() -> tuple[int, int, int]:
+    """(local rank, node rank, number of nodes) of this worker: from Ray Train's context, else
+    torchrun's environment, else a single process."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        local_world = max(ctx.get_local_world_size(), 1)
+        return ctx.get_local_rank(), ctx.get_node_rank(), max(ctx.get_world_size() // local_world, 1)
+    except Exception:  # not inside Ray Train (benchmarks, plain torchrun, unit tests)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("GROUP_RANK", "0")),
+                max(world // max(local_world, 1), 1))

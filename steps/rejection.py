@@ -126,7 +126,7 @@ def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[D
     answers: list[list[str]] = []
     for s in range(0, len(dialogues), batch_size):
         chunk = [encode_prompt(tok, d) for d in dialogues[s:s + batch_size]]
-        samples = sampler.generate(chunk, params)
+        samples = sampler.generate(chunk, params, first_index=s)  # streams follow the global index
         for i in range(len(chunk)):
             answers.append([tok.decode(x.tokens).strip() for x in samples[i * params.num_samples:
                                                                             (i + 1) * params.num_samples]])

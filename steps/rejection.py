@@ -156,6 +156,34 @@ def reward_curve(rewards: np.ndarray) -> dict[str, list[float]]:
             "median": [float(np.median(rewards[:, :k], axis=1).mean()) for k in range(1, k_max + 1)]}
 
 
+class RewardScorer:
+    """One reward model with its own tokenizer (the sampler's may differ: a teacher's; `fallback`
+    for a model directory without hf/tokenizer.model): probabilities (sigmoid of its scores) of
+    answers to dialogues."""
+
+    def __init__(self, rm_dir: Path, fallback):
+        from model.reward import load_reward_model
+        from model.tokenizer import Tokenizer
+
+        self.cfg = ModelConfig.model_validate_json((rm_dir / "model_config.json").read_text())
+        spm = rm_dir / "hf" / "tokenizer.model"
+        self.tok = Tokenizer(spm) if spm.exists() else fallback
+        self.model = load_reward_model(self.cfg, rm_dir)
+
+    def probs(self, dialogues: list[Dialogue], candidates: list[list[str]], width: int) -> np.ndarray:
+        """[len(dialogues), width]: candidate j of dialogue i in column j; -inf where none."""
+        from model.reward import encode_example, score_sequences
+
+        flat = [(i, j, encode_example(self.tok, dialogues[i], text, self.cfg.max_seq_len)[0])
+                for i, cands in enumerate(candidates) for j, text in enumerate(cands)]
+        grid = np.full((len(dialogues), width), -np.inf)
+        if flat:
+            scores = score_sequences(self.model, [ids for _, _, ids in flat], self.tok.pad_id).numpy()
+            for (i, j, _), score in zip(flat, scores):
+                grid[i, j] = sigmoid(score)
+        return grid
+
+
 def load_sampling_model(model_dir: Path):
     """(model on this worker's device, tokenizer) of a pipeline model artifact (model_config.json,
     model.safetensors, hf/) or of a Hugging Face Llama export (config.json, safetensors,
@@ -212,8 +240,6 @@ def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[D
     winners of any prompt, missing ones scored -inf). Runs as one Ray task (engine.run_on_worker)."""
     from model.chat import encode_prompt
     from model.generate import TorchSampler
-    from model.reward import encode_example, load_reward_model, score_sequences
-    from model.tokenizer import Tokenizer
 
     policy, tok = load_sampling_model(Path(policy_dir))
     sampler = TorchSampler(policy, tok.eos_id, tok.pad_id)
@@ -228,20 +254,10 @@ def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[D
     width = params.num_samples + max((len(e) for e in earlier), default=0)
     candidates = [a + e for a, e in zip(answers, earlier)]
     probs = {}
-    for axis, rm_dir in rm_dirs.items():
-        rcfg = ModelConfig.model_validate_json((Path(rm_dir) / "model_config.json").read_text())
-        # the RM's own tokenizer: the sampler's may differ (a teacher's)
-        rm_tok = Tokenizer(Path(rm_dir) / "hf" / "tokenizer.model") \
-            if (Path(rm_dir) / "hf" / "tokenizer.model").exists() else tok
-        flat = [(i, j, encode_example(rm_tok, dialogues[i], text, rcfg.max_seq_len)[0])
-                for i, cands in enumerate(candidates) for j, text in enumerate(cands)]
-        rm = load_reward_model(rcfg, Path(rm_dir))
-        scores = score_sequences(rm, [ids for _, _, ids in flat], rm_tok.pad_id).numpy()
-        grid = np.full((len(dialogues), width), -np.inf)
-        for (i, j, _), score in zip(flat, scores):
-            grid[i, j] = sigmoid(score)
-        probs[axis] = grid
-        del rm
+    for axis, rm_dir in rm_dirs.items():  # one reward model in memory at a time
+        scorer = RewardScorer(Path(rm_dir), tok)
+        probs[axis] = scorer.probs(dialogues, candidates, width)
+        del scorer
     return answers, probs
 
 

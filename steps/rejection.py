@@ -233,24 +233,33 @@ def resolve_teacher(ctx, teacher: str) -> tuple[Path, dict[str, str]]:
     return Path(local), {**info, "teacher.path": local}
 
 
+def sample_answers(sampler, tok, dialogues: list[Dialogue], params, batch_size: int) -> tuple[list[list[str]], int]:
+    """K answers per dialogue (text), `batch_size` prompts per generate call (each prefilled once,
+    its K continuations sharing the prefill), and the number of tokens generated."""
+    from model.chat import encode_prompt
+
+    answers: list[list[str]] = []
+    tokens = 0
+    for s in range(0, len(dialogues), batch_size):
+        chunk = [encode_prompt(tok, d) for d in dialogues[s:s + batch_size]]
+        samples = sampler.generate(chunk, params, first_index=s)  # streams follow the global index
+        tokens += sum(len(x.tokens) + x.finished for x in samples)  # EOS counts as generated
+        for i in range(len(chunk)):
+            answers.append([tok.decode(x.tokens).strip() for x in samples[i * params.num_samples:
+                                                                            (i + 1) * params.num_samples]])
+    return answers, tokens
+
+
 def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[Dialogue], earlier: list[list[str]],
                      params, batch_size: int) -> tuple[list[list[str]], dict[str, np.ndarray]]:
     """K answers per dialogue from the policy, then both reward models' probabilities for the
     K answers and each dialogue's earlier winners: ({axis: [P, K + M]} with M = the most earlier
     winners of any prompt, missing ones scored -inf). Runs as one Ray task (engine.run_on_worker)."""
-    from model.chat import encode_prompt
     from model.generate import TorchSampler
 
     policy, tok = load_sampling_model(Path(policy_dir))
-    sampler = TorchSampler(policy, tok.eos_id, tok.pad_id)
-    answers: list[list[str]] = []
-    for s in range(0, len(dialogues), batch_size):
-        chunk = [encode_prompt(tok, d) for d in dialogues[s:s + batch_size]]
-        samples = sampler.generate(chunk, params, first_index=s)  # streams follow the global index
-        for i in range(len(chunk)):
-            answers.append([tok.decode(x.tokens).strip() for x in samples[i * params.num_samples:
-                                                                            (i + 1) * params.num_samples]])
-    del policy, sampler
+    answers, _ = sample_answers(TorchSampler(policy, tok.eos_id, tok.pad_id), tok, dialogues, params, batch_size)
+    del policy
     width = params.num_samples + max((len(e) for e in earlier), default=0)
     candidates = [a + e for a, e in zip(answers, earlier)]
     probs = {}

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,10 @@ class RejectionTuneConfig(Section):
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # share of train prompts held out for the sweep
     num_prompts: int = Field(1000, ge=1)  # validation prompts a trial answers (at most)
     max_concurrent_trials: int = Field(1, ge=1)
+    # what the chosen temperature maximises: "gain" (max minus median, the criterion) or
+    # "max" (the best answer's reward, what the paper's Figure 8 compares). Gain favours hot
+    # sampling: the median falls faster than the max (README: measured on the tiny preset)
+    objective: Literal["gain", "max"] = "gain"
 
     @field_validator("temperatures")
     @classmethod

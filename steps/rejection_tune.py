@@ -35,14 +35,16 @@ def gain_of(probs: dict[str, np.ndarray], is_safety: np.ndarray, threshold: floa
     return {"gain": float((best - median).mean()), "max": float(best.mean()), "median": float(median.mean())}
 
 
-def choose(rows: list[dict]) -> dict:
-    """The trial whose temperature is used: the highest gain; on a tie the higher max reward
-    (the same gap from a better best answer), then the lower temperature (fewer degenerate
-    samples). Failed trials and non-finite scores never win."""
+def choose(rows: list[dict], objective: str = "gain") -> dict:
+    """The trial whose temperature is used: the highest `objective` ("gain": max minus median,
+    the issue's criterion; "max": the best answer's reward, the paper's Figure 8); on a tie the
+    other one, then the lower temperature (fewer degenerate samples). Failed trials and
+    non-finite scores never win."""
+    other = "max" if objective == "gain" else "gain"
     ok = [r for r in rows if not r.get("error") and np.isfinite(r["gain"]) and np.isfinite(r["max"])]
     if not ok:
         raise RuntimeError(f"rejection tune: every trial failed: {[str(r.get('error'))[:200] for r in rows]}")
-    return max(ok, key=lambda r: (round(r["gain"], 9), round(r["max"], 9), -r["temperature"]))
+    return max(ok, key=lambda r: (round(r[objective], 9), round(r[other], 9), -r["temperature"]))
 
 
 def _trial(config: dict, base: dict) -> None:
@@ -109,11 +111,11 @@ def sweep(ctx, rcfg, policy_dir: str, rm_dirs: dict[str, str], dialogues: list, 
                      **{k: float(m.get(k, np.nan)) for k in ("gain", "max", "median", "seconds")},
                      "error": str(r.error or "")})
     rows.sort(key=lambda x: x["temperature"])
-    best = choose(rows)
+    best = choose(rows, tcfg.objective)
     _log_trials(ctx, rows)
     ctx.log_table({k: [x[k] for x in rows] for k in rows[0]}, "tune_trials.json")
     _log_figure(ctx, rows, best["temperature"])
-    ctx.log_params({"tune.temperature": best["temperature"], "tune.trials": len(rows)})
+    ctx.log_params({"tune.temperature": best["temperature"], "tune.trials": len(rows), "tune.objective": tcfg.objective})
     metrics = {"tune.trials": float(len(rows)), "tune.failed_trials": float(sum(bool(x["error"]) for x in rows)),
                "tune.validation_prompts": float(len(dialogues)), "tune.best_gain": best["gain"],
                "tune.best_max": best["max"], "tune.temperature": best["temperature"]}

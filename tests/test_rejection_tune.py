@@ -53,6 +53,7 @@ def test_choose_takes_the_biggest_gain_then_the_better_best_then_the_cooler():
            {"temperature": 1.1, "gain": 0.2, "max": 0.8, "error": ""},
            {"temperature": 0.9, "gain": 0.2, "max": 0.8, "error": ""}]
     assert choose(tie)["temperature"] == 0.9
+    assert choose(rows, "max")["temperature"] == 0.8  # the best answer's reward instead of the gap
     with pytest.raises(RuntimeError, match="every trial failed"):
         choose(rows[2:])
 

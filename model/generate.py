@@ -2,7 +2,9 @@
 
 `TorchSampler` is plain PyTorch: prompts are left-padded into one batch, prefilled once, the
 cache is repeated K times, and one token per row is decoded per step; rows stop at EOS
-independently. It holds the whole model on one device: `load_model` builds it there directly
+independently. Sampling is batch-invariant: each (prompt, sample) stream has its own generator
+seeded from (seed, prompt index, sample index), so K samples from one shared prefill equal K
+independent single-sample generations with those seeds, whatever the batch they ran in. It holds the whole model on one device: `load_model` builds it there directly
 (meta device, then tensor by tensor from the safetensors in the target dtype), so a model that
 fits one GPU in bf16 never exists in fp32 on the host. `VLLMSampler` puts vLLM behind the same
 interface for models that need tensor parallelism or serving-grade throughput (it loads the
@@ -12,6 +14,7 @@ recomputes the whole sequence every step: the reference the cached path is teste
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +60,31 @@ class Sample:
     finished: bool  # stopped at EOS (else at max_new_tokens)
 
 
-def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """logits [N, V] -> sampled ids [N] (greedy at temperature 0; nucleus filtering by top_p)."""
+def stream_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one (prompt, sample) stream: a hash of the three, so streams are independent
+    of each other and of which other prompts share the batch."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def stream_uniforms(seed: int, num_prompts: int, num_samples: int, steps: int, first_index: int = 0,
+                    first_sample: int = 0) -> torch.Tensor:
+    """[num_prompts * num_samples, steps] uniforms in [0, 1): row (i, k) drawn from its own
+    torch.Generator seeded by stream_seed(seed, first_index + i, first_sample + k). One uniform per decoding
+    step decides that row's token, so a row's tokens depend only on its prompt, its seeds and
+    the model, never on the batch it was decoded in (batch size, padding, K, chunking)."""
+    out = torch.empty(num_prompts * num_samples, steps)
+    for i in range(num_prompts):
+        for k in range(num_samples):
+            gen = torch.Generator().manual_seed(stream_seed(seed, first_index + i, first_sample + k))
+            out[i * num_samples + k] = torch.rand(steps, generator=gen)
+    return out
+
+
+def next_token(logits: torch.Tensor, p: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """logits [N, V], one uniform per row [N] -> sampled ids [N] (greedy at temperature 0;
+    nucleus filtering by top_p). Inverse-CDF sampling: row r takes the first token whose
+    cumulative probability exceeds uniforms[r], so each row's draw uses its own stream only."""
     if p.temperature == 0:
         return logits.argmax(-1)
     probs = (logits / p.temperature).softmax(-1)
@@ -67,7 +93,10 @@ def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) ->
         keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # always keeps the most likely token
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    # right=True: a zero-probability token (cdf equal to its predecessor's) is never chosen
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
 class TorchSampler:
@@ -77,7 +106,12 @@ class TorchSampler:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], p: SamplingParams, first_index: int = 0,
+                 first_sample: int = 0) -> list[Sample]:
+        """K samples per prompt. Sample (i, k) draws from stream (first_index + i, first_sample + k)
+        (stream_uniforms): a caller that splits its prompts into chunks passes each chunk's offset
+        and gets the samples of one call over the whole list; one sample with first_sample=k is
+        the k-th of K. Sample.prompt_index / sample_index stay local to this call."""
         if not prompts:
             return []
         B, K = len(prompts), p.num_samples
@@ -101,14 +135,16 @@ class TorchSampler:
         mask, positions = mask.repeat_interleave(K, 0), positions.repeat_interleave(K, 0)
         # sampling stays on the model's device: no [B*K, V] logits cross to the host per step
         dev = self.device
-        gen = torch.Generator(device=dev).manual_seed(p.seed)
+        # one uniform per (row, step), from the row's own stream; drawn on the host once (cheap)
+        uniforms = stream_uniforms(p.seed, B, K, p.max_new_tokens, first_index, first_sample).to(dev) \
+            if p.temperature > 0 else torch.zeros(B * K, p.max_new_tokens, device=dev)
         out = torch.full((B * K, p.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         logps = torch.zeros(B * K, p.max_new_tokens, device=dev)
         done = torch.zeros(B * K, dtype=torch.bool, device=dev)
         lengths = torch.full((B * K,), p.max_new_tokens, device=dev)
         for t in range(p.max_new_tokens):
             logits = last.float()
-            nxt = next_token(logits, p, gen)
+            nxt = next_token(logits, p, uniforms[:, t])
             logps[:, t] = logits.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             out[:, t] = nxt
@@ -136,7 +172,7 @@ def generate_uncached(model: Transformer, prompts: list[list[int]], p: SamplingP
                       pad_id: int) -> list[Sample]:
     """Reference: every step re-runs the full (unpadded) sequence of every row."""
     K = p.num_samples
-    gen = torch.Generator(device="cpu").manual_seed(p.seed)
+    uniforms = stream_uniforms(p.seed, len(prompts), K, p.max_new_tokens)
     seqs = [list(ids) for ids in prompts for _ in range(K)]
     out = torch.full((len(seqs), p.max_new_tokens), pad_id, dtype=torch.long)
     logps = torch.zeros(len(seqs), p.max_new_tokens)
@@ -144,7 +180,7 @@ def generate_uncached(model: Transformer, prompts: list[list[int]], p: SamplingP
     lengths = torch.full((len(seqs),), p.max_new_tokens)
     for t in range(p.max_new_tokens):
         last = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
-        nxt = next_token(last.float(), p, gen)
+        nxt = next_token(last.float(), p, uniforms[:, t])
         logps[:, t] = last.float().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[:, t] = nxt
@@ -187,12 +223,16 @@ class VLLMSampler:
                        dtype=dtype, **engine_kw)
         self.eos_id = eos_id
 
-    def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], p: SamplingParams, first_index: int = 0,
+                 first_sample: int = 0) -> list[Sample]:
         from vllm import SamplingParams as VParams
         from vllm.inputs import TokensPrompt
 
-        params = VParams(n=p.num_samples, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
-                         seed=p.seed, logprobs=0, stop_token_ids=[self.eos_id])
+        # one seed per prompt (vLLM seeds each request's own generator): batch-invariant like ours,
+        # though not the same streams
+        params = [VParams(n=p.num_samples, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
+                          seed=stream_seed(p.seed, first_index + i, first_sample) % 2**31, logprobs=0,
+                          stop_token_ids=[self.eos_id]) for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
         res = []
         for i, o in enumerate(outputs):

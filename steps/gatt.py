@@ -2,13 +2,18 @@
 instruction many turns after it was given. A switchable step (`rlhf.gatt.enabled`) of the
 RLHF loop, applied to the chat model of iteration `rlhf.gatt.after_iteration`.
 
-Data construction, for each synthetic conversation (an instruction, 2..`turns` user messages):
-  1. attach the instruction to every user message, so the current model, sampling turn by
-     turn, answers every turn under the instruction (it follows an instruction in the
-     message it answers; the problem GAtt fixes is forgetting one given turns earlier);
-  2. rebuild the dialogue with the instruction only at the start (the system prompt) and the
-     original user messages after it;
-  3. train only on the last assistant answer: the loss on every earlier turn, assistant
+Data construction (steps/gatt_data.py), for each synthetic conversation (an instruction,
+2..`turns` user messages):
+  1. draw the instruction as in the paper: synthetic constraints (a hobby, a language, a
+     public figure) randomly combined, after one of the fixed `instructions` when given;
+  2. attach it to every user message (on later turns sometimes in a shortened wording), so the
+     current model, sampling turn by turn, answers every turn under it (it follows an
+     instruction in the message it answers; the problem GAtt fixes is forgetting one given turns
+     earlier); with reward models as inputs each turn's answer is the best of `num_samples` by
+     the gated reward, as in rejection sampling;
+  3. rebuild the dialogue with the full instruction only at the start (the system prompt) and
+     the original user messages after it;
+  4. train only on the last assistant answer: the loss on every earlier turn, assistant
      answers included, is zeroed (Turn.train=False; the SFT packer honours it).
 Conversations of random length train every later turn position. Answers cut off at
 `max_new_tokens` are dropped with their conversation (a half answer is no target). The
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,14 +37,25 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from model.chat import Dialogue, Turn
+from model.chat import Dialogue
 from model.config import Section
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
+from steps.gatt_data import (
+    TEMPLATES,
+    gatt_dialogues,
+    make_instruction,
+    roll_out,
+    sampling_messages,
+    with_instruction,
+)
+
+__all__ = ["GAttConfig", "gatt_dialogues", "roll_out", "run", "with_instruction"]  # data helpers live in gatt_data
 
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "3"  # 2: wider demo world, held-out figures on its test split; 3: transformers chat layout
+VERSION = "4"  # 2: wider demo world, held-out figures on its test split; 3: transformers chat layout;
+# 4: varied instructions, answers chosen by the reward models
 
 
 class GAttConfig(Section):
@@ -51,11 +66,19 @@ class GAttConfig(Section):
     num_dialogues: int = Field(1000, ge=1)
     min_turns: int = Field(2, ge=2)
     turns: int = Field(3, ge=2)  # conversations have min_turns..turns user messages
-    # The paper's synthetic constraints: hobbies, a language, a public figure to act as.
-    instructions: list[str] = Field(default_factory=lambda: [
-        "Always answer in French.", "Act as Napoleon.", "Act as Oscar Wilde.", "You enjoy tennis.",
-        "You love gardening.", "Always answer in Spanish.", "Answer with a haiku.",
-        "Act as a pirate."], min_length=1)
+    # Fixed instructions, one of which leads every conversation's instruction when given (the tiny
+    # preset: the demo world's styles, which its judge checks), and the paper's synthetic
+    # constraints by category (steps/gatt_data.py TEMPLATES), 0..max_constraints of them added
+    # (1.. without fixed ones), from distinct categories, in random order.
+    instructions: list[str] = Field(default_factory=list)
+    constraints: dict[str, list[str]] = Field(default_factory=lambda: {
+        "hobby": ["tennis", "gardening", "chess", "painting", "hiking", "astronomy"],
+        "language": ["French", "Spanish", "German", "Italian"],
+        "persona": ["Napoleon", "Oscar Wilde", "Marie Curie", "a pirate", "Sherlock Holmes"]})
+    max_constraints: int = Field(2, ge=0)
+    shorten: float = Field(0.5, ge=0, le=1)  # chance a later turn carries the shortened instruction
+    # K answers per turn, the best by the gated reward kept (when the step gets reward models)
+    num_samples: int = Field(4, ge=1)
     sources: list[str] = Field(default_factory=list)  # dialogue files whose first user turns are the messages
     max_user_tokens: int = Field(256, ge=1)  # user messages longer than this are not used
     demo_world: bool = False  # tiny preset: messages and the outcome measure from the demo world
@@ -74,50 +97,12 @@ class GAttConfig(Section):
     def _turns_ordered(self) -> GAttConfig:
         if self.min_turns > self.turns:
             raise ValueError(f"min_turns ({self.min_turns}) exceeds turns ({self.turns})")
+        unknown = set(self.constraints) - set(TEMPLATES)
+        if unknown:
+            raise ValueError(f"constraints: unknown categories {sorted(unknown)} (known: {sorted(TEMPLATES)})")
+        if not self.instructions and not any(self.constraints.values()):
+            raise ValueError("instructions and constraints are both empty: no instruction to train on")
         return self
-
-# dialogues ending with a user turn -> the model's answers, and whether each ended at EOS
-# (steps/sft.py:model_answerer is the one backed by a model)
-Answerer = Callable[[list[Dialogue]], list[tuple[str, bool]]]
-
-
-def with_instruction(instruction: str, message: str) -> str:
-    return f"{instruction} {message}"
-
-
-def roll_out(prompts: list[tuple[str | None, list[str]]], answer: Answerer,
-             stop_unfinished: bool = True) -> list[tuple[Dialogue, bool]]:
-    """(system prompt, user messages) per conversation -> (the dialogue with the model's answer
-    after every message, whether every answer finished). Turn by turn, one batch per turn over
-    the conversations still going; with stop_unfinished a conversation ends at its first
-    answer cut off at max_new_tokens."""
-    turns: list[list[Turn]] = [[] for _ in prompts]
-    ok = [True] * len(prompts)
-    for t in range(max(len(msgs) for _, msgs in prompts)):
-        live = [i for i, (_, msgs) in enumerate(prompts) if t < len(msgs) and (ok[i] or not stop_unfinished)]
-        for i in live:
-            turns[i].append(Turn("user", prompts[i][1][t]))
-        for i, (text, finished) in zip(live, answer([Dialogue(list(turns[i]), prompts[i][0]) for i in live])):
-            turns[i].append(Turn("assistant", text))
-            ok[i] = ok[i] and finished
-    return [(Dialogue(tr, system), good) for (system, _), tr, good in zip(prompts, turns, ok)]
-
-
-def gatt_dialogues(conversations: list[tuple[str, list[str]]], answer: Answerer) -> list[Dialogue | None]:
-    """(instruction, user messages) per conversation -> GAtt training dialogues; None where an
-    answer did not finish."""
-    sampled = roll_out([(None, [with_instruction(ins, m) for m in msgs]) for ins, msgs in conversations], answer)
-    out: list[Dialogue | None] = []
-    for (instruction, msgs), (d, finished) in zip(conversations, sampled):
-        if not finished:
-            out.append(None)
-            continue
-        rebuilt = []
-        for t, msg in enumerate(msgs):
-            rebuilt += [Turn("user", msg), Turn("assistant", d.turns[2 * t + 1].content, train=t == len(msgs) - 1)]
-        out.append(Dialogue(rebuilt, system=instruction, meta={"gatt": True}))
-    return out
-
 
 def follow_rates(model, tok, conversations, max_new_tokens: int) -> tuple[dict[str, float], list[Dialogue]]:
     """Greedy roll-out of each world InstructionDialogue (system prompt, then its questions);
@@ -137,15 +122,24 @@ def follow_rates(model, tok, conversations, max_new_tokens: int) -> tuple[dict[s
     return {"first_turn": float(np.mean(first)), "later_turns": float(np.mean(later))}, rollouts
 
 
-def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int) -> list[Dialogue | None]:
+def sample_gatt_dialogues(model_dir: str, conversations, params, batch_size: int, rm_dirs: dict[str, str] | None = None,
+                          threshold: float = 0.15) -> tuple[list[Dialogue | None], dict[str, list[float]]]:
     """gatt_dialogues with the model of the artifact at model_dir (on its GPU in bf16 where
-    the worker has one); runs as its own Ray task (engine.run_on_worker)."""
+    the worker has one), each turn's answer the best of params.num_samples by the gated reward
+    when reward models are given (else the one sample); runs as its own Ray task
+    (engine.run_on_worker). Also returns the first and chosen answers' rewards."""
+    import dataclasses
 
+    from steps.gatt_data import best_of_k_answerer
     from steps.sft import load_chat_model, load_model, model_answerer
 
     mcfg, tok = load_chat_model(Path(model_dir))
     model = load_model(mcfg, Path(model_dir))  # on the worker's GPU in bf16 where it has one
-    return gatt_dialogues(conversations, model_answerer(model, tok, params, batch_size))
+    if rm_dirs:
+        answer, log = best_of_k_answerer(model, tok, params, rm_dirs, threshold, batch_size)
+        return gatt_dialogues(conversations, answer), log
+    single = dataclasses.replace(params, num_samples=1)  # no reward models: answers as they come
+    return gatt_dialogues(conversations, model_answerer(model, tok, single, batch_size)), {}
 
 
 def user_messages(cfg, world, tok) -> list[str]:
@@ -164,7 +158,8 @@ def user_messages(cfg, world, tok) -> list[str]:
     return pool
 
 
-def run(ctx, model: Artifact) -> dict[str, float]:
+def run(ctx, model: Artifact, rm_helpfulness: Artifact | None = None, rm_safety: Artifact | None = None
+        ) -> dict[str, float]:
     from model.generate import SamplingParams
     from steps.engine import run_on_worker
     from steps.sft import finetune, judge_model, load_chat_model, load_model
@@ -176,19 +171,28 @@ def run(ctx, model: Artifact) -> dict[str, float]:
     world = World(ctx.seed)
     rng = random.Random(ctx.seed)
     pool = user_messages(gcfg, world, tok)
-    conversations = [(rng.choice(gcfg.instructions), rng.sample(pool, rng.randint(gcfg.min_turns, gcfg.turns)))
-                     for _ in range(gcfg.num_dialogues)]
+    conversations = []
+    for _ in range(gcfg.num_dialogues):
+        instruction = make_instruction(rng, gcfg.instructions, gcfg.constraints, gcfg.max_constraints)
+        msgs = rng.sample(pool, rng.randint(gcfg.min_turns, gcfg.turns))
+        conversations.append((instruction.text, msgs, sampling_messages(instruction, msgs, rng, gcfg.shorten)))
     params = SamplingParams(max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
-                            top_p=gcfg.top_p, seed=ctx.seed)
-    built = run_on_worker(sample_gatt_dialogues, gcfg.sampler, str(model.path), conversations, params,
-                          gcfg.sample_batch_size)
+                            top_p=gcfg.top_p, num_samples=gcfg.num_samples, seed=ctx.seed)
+    both = rm_helpfulness is not None and rm_safety is not None
+    rm_dirs = {"helpfulness": str(rm_helpfulness.path), "safety": str(rm_safety.path)} if both else None
+    built, rewards = run_on_worker(sample_gatt_dialogues, gcfg.sampler, str(model.path), conversations, params,
+                                   gcfg.sample_batch_size, rm_dirs, ctx.cfg.rlhf.safety_threshold)
     dialogues = [d for d in built if d is not None]
     if not dialogues:
         raise RuntimeError("rlhf.gatt: no conversation had every answer finish within max_new_tokens")
-    data = {"conversations": len(conversations), "kept": len(dialogues)}
+    data = {"conversations": len(conversations), "kept": len(dialogues),
+            "instructions.distinct": len({c[0] for c in conversations}),
+            "instructions.shortened_turns": float(np.mean([c[0] not in m for c in conversations for m in c[2][1:]]))}
+    if rewards:  # best of K by the gated reward: what choosing gained over the first sample
+        data |= {"reward.first": float(np.mean(rewards["first"])), "reward.chosen": float(np.mean(rewards["chosen"]))}
     if gcfg.demo_world:  # how often the sampled target answers obey the instruction (judge-side only)
-        data["target_follows"] = float(np.mean([follows(STYLES[d.system], d.turns[-1].content)
-                                                for d in dialogues if d.system in STYLES]))
+        styled = [(next((p for s, p in STYLES.items() if d.system.startswith(s)), None), d) for d in dialogues]
+        data["target_follows"] = float(np.mean([follows(p, d.turns[-1].content) for p, d in styled if p]))
     # the input model's own fine-tuning data rides along, so GAtt adds a skill without
     # wearing down the others (the paper merges GAtt data into an iteration's fine-tuning set)
     own = from_table(pq.read_table(model.file("dialogues.parquet")))

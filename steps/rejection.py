@@ -15,16 +15,17 @@ a prompt is a safety prompt when any of its rows says `axis: safety`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from model.chat import Dialogue, Turn
 from model.config import ModelConfig, Section
@@ -34,8 +35,32 @@ from steps.gated_reward import gated_reward, sigmoid
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "1"
+VERSION = "2"  # 2: batch-invariant sampling streams, RM-side tokenizers, temperature sweep, teacher
 POOL_SCHEMA = pa.schema([("prompt_key", pa.string()), ("iteration", pa.int32()), ("answer", pa.string())])
+
+
+class RejectionTuneConfig(Section):
+    """A Ray Tune search over the sampling temperature (steps/rejection_tune.py), scored by the
+    best-of-K gain (max minus median gated reward) on validation prompts: a fixed share of the
+    train split's prompts, which the step then does not fine-tune on (never the eval split)."""
+
+    enabled: bool = False
+    temperatures: list[float] = Field(default_factory=lambda: [0.9, 1.0, 1.1, 1.2, 1.3, 1.4], min_length=1)
+    iterations: list[int] = Field(default_factory=lambda: [1])  # RLHF iterations that sweep
+    validation_fraction: float = Field(0.1, gt=0, lt=1)  # share of train prompts held out for the sweep
+    num_prompts: int = Field(1000, ge=1)  # validation prompts a trial answers (at most)
+    max_concurrent_trials: int = Field(1, ge=1)
+    # what the chosen temperature maximises: "gain" (max minus median, the issue's criterion) or
+    # "max" (the best answer's reward, what the paper's Figure 8 compares). Gain favours hot
+    # sampling: the median falls faster than the max (README: measured on the tiny preset)
+    objective: Literal["gain", "max"] = "gain"
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError(f"temperatures must be > 0 (greedy samples have no best-of-K gain): {v}")
+        return v
 
 
 class RejectionConfig(Section):
@@ -51,6 +76,13 @@ class RejectionConfig(Section):
     train: TrainConfig = TrainConfig(global_batch_size=64, epochs=1.0, num_workers=64, use_gpu=True,
                                      gpus_per_worker=1, cpus_per_worker=8)
     optim: OptimConfig = OptimConfig(lr=1e-5, warmup_steps=0)
+    tune: RejectionTuneConfig = RejectionTuneConfig()
+    # The model that samples (the paper: 70B sampled for the smaller models, which were then
+    # fine-tuned on its best answers). None: the model being fine-tuned. Else a registry alias of
+    # this run's chat model (`rlhf-v2`), `name@alias` of another registered model, or a local
+    # model directory (a pipeline artifact or an HF export). Answers travel as text, so its
+    # tokenizer encodes the prompts and each reward model's its own inputs.
+    teacher: str | None = None
 
     def temperature(self, iteration: int) -> float:
         """Iteration i's temperature (the last one repeats for later iterations, V6 on)."""
@@ -77,6 +109,24 @@ def prompts_of(pairs: pa.Table, limit: int, seed: int, split: str = "train") -> 
     if len(keys) > limit:
         keys = sorted(np.random.default_rng(seed).choice(keys, limit, replace=False).tolist())
     return [(k, *seen[k]) for k in keys]
+
+
+def split_validation(prompts: list[tuple[str, list[dict], bool]], fraction: float
+                     ) -> tuple[list[tuple[str, list[dict], bool]], list[tuple[str, list[dict], bool]]]:
+    """(fine-tuning prompts, validation prompts): a fixed share of the prompts by key, the same in
+    every iteration, for the temperature sweep only."""
+    from steps.preference_schema import pair_split
+
+    val = {k for k, _, _ in prompts if pair_split("rs-validation:" + k, fraction) == "eval"}
+    return [p for p in prompts if p[0] not in val], [p for p in prompts if p[0] in val]
+
+
+def subsample(prompts: list, limit: int, seed: int) -> list:
+    """At most `limit` of the (key-sorted) prompts, seeded, in key order."""
+    if len(prompts) <= limit:
+        return prompts
+    keep = set(np.random.default_rng(seed).choice(len(prompts), limit, replace=False).tolist())
+    return [p for i, p in enumerate(prompts) if i in keep]
 
 
 def best_of(rewards: np.ndarray) -> np.ndarray:
@@ -110,56 +160,164 @@ def reward_curve(rewards: np.ndarray) -> dict[str, list[float]]:
             "median": [float(np.median(rewards[:, :k], axis=1).mean()) for k in range(1, k_max + 1)]}
 
 
+class RewardScorer:
+    """One reward model with its own tokenizer (the sampler's may differ: a teacher's; `fallback`
+    for a model directory without hf/tokenizer.model): probabilities (sigmoid of its scores) of
+    answers to dialogues."""
+
+    def __init__(self, rm_dir: Path, fallback):
+        from model.reward import load_reward_model
+        from model.tokenizer import Tokenizer
+
+        self.cfg = ModelConfig.model_validate_json((rm_dir / "model_config.json").read_text())
+        spm = rm_dir / "hf" / "tokenizer.model"
+        self.tok = Tokenizer(spm) if spm.exists() else fallback
+        self.model = load_reward_model(self.cfg, rm_dir)
+
+    def probs(self, dialogues: list[Dialogue], candidates: list[list[str]], width: int) -> np.ndarray:
+        """[len(dialogues), width]: candidate j of dialogue i in column j; -inf where none."""
+        from model.reward import encode_example, score_sequences
+
+        flat = [(i, j, encode_example(self.tok, dialogues[i], text, self.cfg.max_seq_len)[0])
+                for i, cands in enumerate(candidates) for j, text in enumerate(cands)]
+        grid = np.full((len(dialogues), width), -np.inf)
+        if flat:
+            scores = score_sequences(self.model, [ids for _, _, ids in flat], self.tok.pad_id).numpy()
+            for (i, j, _), score in zip(flat, scores):
+                grid[i, j] = sigmoid(score)
+        return grid
+
+
+def load_sampling_model(model_dir: Path):
+    """(model on this worker's device, tokenizer) of a pipeline model artifact (model_config.json,
+    model.safetensors, hf/) or of a Hugging Face Llama export (config.json, safetensors,
+    tokenizer.model: what the MLflow registry holds)."""
+    from model.generate import default_device_dtype
+    from model.tokenizer import Tokenizer
+    from steps.sft import load_chat_model, load_model
+
+    if (model_dir / "model_config.json").exists():
+        mcfg, tok = load_chat_model(model_dir)
+        return load_model(mcfg, model_dir), tok
+    from model.hf import import_hf
+
+    device, dtype = default_device_dtype()
+    model, _ = import_hf(model_dir, device=device, dtype=dtype)
+    return model.eval(), Tokenizer(model_dir / "tokenizer.model")
+
+
+def resolve_teacher(ctx, teacher: str) -> tuple[Path, dict[str, str]]:
+    """The local directory of `rlhf.rejection.teacher` and what it resolved to (logged): a path
+    as is; an alias through the MLflow registry, to the artifact directory of the step run that
+    registered it (its `artifact_path` tag) or else a download of the registered HF export."""
+    path = Path(teacher).expanduser()
+    if path.is_dir():
+        return path, {"teacher.path": str(path)}
+    name, _, alias = teacher.removeprefix("models:/").rpartition("@")
+    name = name or f"{ctx.cfg.run.name}-chat"
+    if not ctx.tracking_uri:
+        raise ValueError(f"rlhf.rejection.teacher={teacher!r} is not a directory, and this step runs without "
+                         "MLflow tracking to resolve it as a registry alias")
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except Exception as e:
+        raise ValueError(f"rlhf.rejection.teacher={teacher!r}: no model {name!r} with alias {alias!r} "
+                         f"in the registry at {ctx.tracking_uri}") from e
+    info = {"teacher.model": name, "teacher.alias": alias, "teacher.version": str(version.version),
+            "teacher.run_id": str(version.run_id)}
+    tagged = client.get_run(version.run_id).data.tags.get("artifact_path") if version.run_id else None
+    if tagged and (Path(tagged) / "model_config.json").exists():
+        return Path(tagged), {**info, "teacher.path": tagged}
+    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(ctx.work_dir / "teacher"),
+                                                tracking_uri=ctx.tracking_uri)
+    return Path(local), {**info, "teacher.path": local}
+
+
+def sample_answers(sampler, tok, dialogues: list[Dialogue], params, batch_size: int) -> tuple[list[list[str]], int]:
+    """K answers per dialogue (text), `batch_size` prompts per generate call (each prefilled once,
+    its K continuations sharing the prefill), and the number of tokens generated."""
+    from model.chat import encode_prompt
+
+    answers: list[list[str]] = []
+    tokens = 0
+    for s in range(0, len(dialogues), batch_size):
+        chunk = [encode_prompt(tok, d) for d in dialogues[s:s + batch_size]]
+        samples = sampler.generate(chunk, params, first_index=s)  # streams follow the global index
+        tokens += sum(len(x.tokens) + x.finished for x in samples)  # EOS counts as generated
+        for i in range(len(chunk)):
+            answers.append([tok.decode(x.tokens).strip() for x in samples[i * params.num_samples:
+                                                                            (i + 1) * params.num_samples]])
+    return answers, tokens
+
+
 def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[Dialogue], earlier: list[list[str]],
                      params, batch_size: int) -> tuple[list[list[str]], dict[str, np.ndarray]]:
     """K answers per dialogue from the policy, then both reward models' probabilities for the
     K answers and each dialogue's earlier winners: ({axis: [P, K + M]} with M = the most earlier
     winners of any prompt, missing ones scored -inf). Runs as one Ray task (engine.run_on_worker)."""
-    from model.chat import encode_prompt
     from model.generate import TorchSampler
-    from model.reward import encode_example, load_reward_model, score_sequences
-    from steps.sft import load_chat_model, load_model
 
-    mcfg, tok = load_chat_model(Path(policy_dir))
-    policy = load_model(mcfg, Path(policy_dir))
-    sampler = TorchSampler(policy, tok.eos_id, tok.pad_id)
-    answers: list[list[str]] = []
-    for s in range(0, len(dialogues), batch_size):
-        chunk = [encode_prompt(tok, d) for d in dialogues[s:s + batch_size]]
-        samples = sampler.generate(chunk, params)
-        for i in range(len(chunk)):
-            answers.append([tok.decode(x.tokens).strip() for x in samples[i * params.num_samples:
-                                                                            (i + 1) * params.num_samples]])
-    del policy, sampler
+    policy, tok = load_sampling_model(Path(policy_dir))
+    answers, _ = sample_answers(TorchSampler(policy, tok.eos_id, tok.pad_id), tok, dialogues, params, batch_size)
+    del policy
     width = params.num_samples + max((len(e) for e in earlier), default=0)
     candidates = [a + e for a, e in zip(answers, earlier)]
-    flat = [(i, j, encode_example(tok, dialogues[i], text, mcfg.max_seq_len)[0])
-            for i, cands in enumerate(candidates) for j, text in enumerate(cands)]
     probs = {}
-    for axis, rm_dir in rm_dirs.items():
-        rm = load_reward_model(ModelConfig.model_validate_json((Path(rm_dir) / "model_config.json").read_text()),
-                               Path(rm_dir))
-        scores = score_sequences(rm, [ids for _, _, ids in flat], tok.pad_id).numpy()
-        grid = np.full((len(dialogues), width), -np.inf)
-        for (i, j, _), score in zip(flat, scores):
-            grid[i, j] = sigmoid(score)
-        probs[axis] = grid
-        del rm
+    for axis, rm_dir in rm_dirs.items():  # one reward model in memory at a time
+        scorer = RewardScorer(Path(rm_dir), tok)
+        probs[axis] = scorer.probs(dialogues, candidates, width)
+        del scorer
     return answers, probs
 
 
+def fingerprint_inputs(cfg, iteration: int) -> str | None:
+    """A teacher given as a directory lies outside the artifact store: its identity (the
+    artifact's fingerprint, or its files' names, sizes and times) joins rs_v{i}'s fingerprint, so
+    new teacher weights re-run the step. A registry alias is resolved at run time (and logged);
+    only its name is in the fingerprint: the DAG wires this pipeline's own versions as inputs."""
+    teacher = cfg.rlhf.rejection.teacher
+    path = Path(teacher).expanduser() if teacher else None
+    if path is None or not path.is_dir():
+        return None
+    if (path / "manifest.json").exists():
+        return "artifact:" + json.loads((path / "manifest.json").read_text())["fingerprint"]
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".json", ".model"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return "files:" + hashlib.blake2b(json.dumps(stamp).encode(), digest_size=8).hexdigest()
+
+
 def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safety: Artifact, iteration: int,
-        previous: Artifact | None = None) -> dict[str, float]:
+        previous: Artifact | None = None, teacher: Artifact | None = None) -> dict[str, float]:
     from model.generate import SamplingParams
     from steps.engine import run_on_worker
     from steps.sft import finetune
 
     rcfg: RejectionConfig = ctx.cfg.rlhf.rejection
-    prompts = prompts_of(pq.read_table(prefs.file("pairs.parquet")), rcfg.num_prompts, ctx.seed + iteration)
+    validation: list[tuple[str, list[dict], bool]] = []
+    everything = prompts_of(pq.read_table(prefs.file("pairs.parquet")), 2**62, ctx.seed + iteration)
+    if rcfg.tune.enabled:  # the sweep's validation prompts are never fine-tuned on, in any iteration
+        everything, validation = split_validation(everything, rcfg.tune.validation_fraction)
+    prompts = subsample(everything, rcfg.num_prompts, ctx.seed + iteration)
     if not prompts:
         raise ValueError(f"rs_v{iteration}: the accepted preference batches hold no train-split prompt")
     dialogues = [to_dialogue(turns) for _, turns, _ in prompts]
     is_safety = np.array([s for _, _, s in prompts])
+    rm_dirs = {"helpfulness": str(rm_helpfulness.path), "safety": str(rm_safety.path)}
+    metrics: dict[str, float] = {}
+
+    sampler_dir = str(model.path)  # the paper's 70B sampling for a smaller model: a teacher
+    if teacher is not None:  # wired by the DAG (an artifact of this pipeline: cached with it)
+        sampler_dir = str(teacher.path)
+        ctx.log_params({"teacher.path": sampler_dir, "teacher.step": teacher.step})
+    elif rcfg.teacher:
+        resolved, info = resolve_teacher(ctx, rcfg.teacher)
+        sampler_dir = str(resolved)
+        ctx.log_params(info)
+        metrics["teacher.version"] = float(info.get("teacher.version", 0))
 
     # earlier winners compete from pool_from_iteration on (all of them, rescored now)
     pool = pq.read_table(previous.file("pool.parquet")).to_pylist() if previous is not None else []
@@ -172,9 +330,16 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
     temperature = rcfg.temperature(iteration)
     params = SamplingParams(max_new_tokens=rcfg.max_new_tokens, temperature=temperature, top_p=rcfg.top_p,
                             num_samples=rcfg.num_samples, seed=ctx.seed + iteration)
-    answers, probs = run_on_worker(sample_and_score, rcfg.sampler, str(model.path),
-                                   {"helpfulness": str(rm_helpfulness.path), "safety": str(rm_safety.path)},
-                                   dialogues, earlier, params, rcfg.sample_batch_size)
+    if rcfg.tune.enabled and iteration in rcfg.tune.iterations and validation:
+        from steps.rejection_tune import sweep
+
+        validation = subsample(validation, rcfg.tune.num_prompts, ctx.seed + iteration)
+        temperature, tuned = sweep(ctx, rcfg, sampler_dir, rm_dirs, [to_dialogue(t) for _, t, _ in validation],
+                                   np.array([s for _, _, s in validation]), params, ctx.cfg.rlhf.safety_threshold)
+        metrics.update(tuned)
+        params = dataclasses.replace(params, temperature=temperature)  # the sweep's choice, this iteration
+    answers, probs = run_on_worker(sample_and_score, rcfg.sampler, sampler_dir, rm_dirs, dialogues, earlier, params,
+                                   rcfg.sample_batch_size)
     reward = gated_reward(probs["helpfulness"], probs["safety"], is_safety[:, None], ctx.cfg.rlhf.safety_threshold)
     reward = np.where(np.isfinite(probs["safety"]), reward, -np.inf)  # absent earlier winners never win
     K = rcfg.num_samples
@@ -199,7 +364,7 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
     result, stats = finetune(ctx, f"rs_v{iteration}", model, fine, [], rcfg.train, rcfg.optim, rcfg.seq_len)
     version = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", f"rlhf-v{iteration}")
     (ctx.out_dir / "winners.json").write_text(json.dumps(winners))
-    metrics = {"prompts": len(prompts), "temperature": temperature, "pool.size": len(new_pool),
+    metrics |= {"prompts": len(prompts), "temperature": temperature, "pool.size": len(new_pool),
                "reward.max": curve["max"][-1], "reward.median": curve["median"][-1],
                "reward.gain": curve["max"][-1] - curve["median"][-1],
                "train_loss": result.final.get("loss"), "first_loss": result.history[0]["loss"],

@@ -132,3 +132,35 @@ def test_greedy_generation_matches_full_forward_token_by_token(tok, model):
                 assert s.logprobs[i] == pytest.approx(float(logits.log_softmax(-1)[t]), abs=1e-4)
             seq.append(t)
         assert s.finished or len(s.tokens) == n
+
+
+def test_shared_prefill_equals_independent_single_samples(tok, model):
+    """K samples from one shared prefill (and a batch of left-padded prompts) equal K separate
+    single-sample generations of each prompt alone, token for token: each (prompt, sample)
+    stream has its own seed, so the batch it ran in does not matter."""
+    qs = ("what is two plus three", "hello", "the capital of the river country answer seven")
+    prompts = [encode_prompt(tok, Dialogue([Turn("user", q)])) for q in qs]
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, num_samples=4, seed=11)
+    sampler = TorchSampler(model, tok.eos_id, tok.pad_id)
+    batched = sampler.generate(prompts, p)
+    single = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, num_samples=1, seed=11)
+    for s in batched:
+        alone = sampler.generate([prompts[s.prompt_index]], single, first_index=s.prompt_index,
+                                 first_sample=s.sample_index)[0]
+        assert alone.tokens == s.tokens and alone.finished == s.finished, (s.prompt_index, s.sample_index)
+    assert len({tuple(s.tokens) for s in batched}) > 4  # the streams really differ
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_samples_do_not_depend_on_the_batch_size(tok, model, batch_size):
+    qs = ("what is two plus three", "hello", "the capital of the river country answer seven")
+    prompts = [encode_prompt(tok, Dialogue([Turn("user", q)])) for q in qs]
+    p = SamplingParams(max_new_tokens=10, temperature=1.2, num_samples=3, seed=4)
+    sampler = TorchSampler(model, tok.eos_id, tok.pad_id)
+    whole = [s.tokens for s in sampler.generate(prompts, p)]
+    chunked = [s.tokens for i in range(0, len(prompts), batch_size)
+               for s in sampler.generate(prompts[i:i + batch_size], p, first_index=i)]
+    assert chunked == whole
+    # the K streams of a prompt do not depend on K either: the first 2 of 3 are the 2 of K=2
+    two = sampler.generate(prompts, SamplingParams(max_new_tokens=10, temperature=1.2, num_samples=2, seed=4))
+    assert [s.tokens for s in two] == [t for i, t in enumerate(whole) if i % 3 < 2]

@@ -45,9 +45,11 @@ def pipeline(cfg: Config) -> list[StepSpec]:
     return steps
 
 
-def gatt_step(model: str) -> StepSpec:
-    return StepSpec("gatt", gatt, "rlhf", ("rlhf.gatt", "run.seed", "run.name"), inputs={"model": model},
-                    tags={"technique": "gatt"}, light=True)
+def gatt_step(model: str, rms: dict[str, str] | None = None) -> StepSpec:
+    """Ghost Attention on `model`; with the iteration's reward models (`rms`), each turn's answer
+    is the best of K by the gated reward, as in rejection sampling."""
+    return StepSpec("gatt", gatt, "rlhf", ("rlhf.gatt", "rlhf.safety_threshold", "run.seed", "run.name"),
+                    inputs={"model": model, **(rms or {})}, tags={"technique": "gatt"}, light=True)
 
 
 def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str | None = None) -> list[StepSpec]:
@@ -85,7 +87,7 @@ def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str |
         before, chat = chat, f"rs{v}"
         if cfg.rlhf.gatt.enabled and i == cfg.rlhf.gatt.after_iteration:
             # Ghost Attention on this iteration's model (V3 in the paper); later ones build on it
-            out.append(gatt_step(chat))
+            out.append(gatt_step(chat, rms))
             chat = "gatt"
     return out
 

@@ -35,7 +35,8 @@ def test_full_pipeline_unrolls_the_rlhf_iterations_with_gatt_after_v3():
     assert on["rm_helpfulness_v2"].inputs == on["rm_safety_v2"].inputs == {"prefs": "prefs_v2", "model": "rs_v1"}
     assert on["prefs_v2"].inputs == {"previous": "prefs_v1", "batch": "annotate_v2"}  # batches 1..i
     assert on["rs_v3"].inputs["previous"] == "rs_v2"  # the pool of earlier winners
-    assert on["gatt"].inputs == {"model": "rs_v3"}  # Ghost Attention on V3's model, as in the paper
+    # Ghost Attention on V3's model, as in the paper, its answers chosen by V3's reward models
+    assert on["gatt"].inputs == {"model": "rs_v3", "rm_helpfulness": "rm_helpfulness_v3", "rm_safety": "rm_safety_v3"}
     assert on["rs_v4"].inputs["model"] == "gatt" and on["annotate_v4"].inputs["model"] == "gatt"
     assert on["eval_v4"].inputs["previous"] == "rs_v3"
     off = {s.name: s for s in pipeline(load_config("tiny", ["rlhf.gatt.enabled=false"]))}

@@ -90,6 +90,30 @@ def test_console_relays_notices_keeps_chatter_in_logs_and_names_the_failing_log(
     assert capfd.readouterr().err == "restored\n"
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_one_status_line_redrawn_in_place(tmp_path, monkeypatch):
+    monkeypatch.delenv("LLAMA2_VERBOSE", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # the terminal's width, which the status line is cut to
+    err = Terminal()
+    with Console(tmp_path, total=3, out=io.StringIO(), err=err) as console:
+        console.progress = lambda: {"pretrain": Progress(50, 200, "steps", 5.31)}
+        Path(console.step_log("pretrain")).write_text("running\n")
+        Path(console.step_log("data")).write_text(
+            '{"__magic_token__": "__ray_tqdm_magic_token__", "x": 10, "pos": 0, "total": 40}\n')
+        console.poll(["data", "pretrain", "sft"])  # sft has not started: no log file yet
+        drawn = err.getvalue().split("\r\x1b[K")[-1]
+        assert "0/3 steps | data [#####...............] 10/40 rows | pretrain [#####" in drawn
+        assert "50/200 steps loss 5.310" in drawn and "sft" not in drawn
+        console.step_done("data", False, 3.0, {})
+    text = err.getvalue()
+    # the step line replaces the status line, which comes back below it; nothing is left at the end
+    assert "\r\x1b[K[" in text and "data: done (3.0s)\n[" in text and text.endswith("\r\x1b[K")
+
+
 def test_verbose_keeps_everything_on_the_console(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA2_VERBOSE", "1")
     with Console(tmp_path, err=io.StringIO()) as console:

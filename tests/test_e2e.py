@@ -128,3 +128,21 @@ def test_each_version_is_evaluated_against_sft_with_intervals(tiny_run):
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     for alias in ("rlhf-v1", "rlhf-v5", "champion"):
         assert client.get_model_version_by_alias("llama2-tiny-chat", alias).source.endswith("/hf")
+
+
+def test_console_shows_a_line_per_step_and_the_table_with_the_chatter_in_log_files(tiny_run):
+    from pathlib import Path
+
+    _, first, second = tiny_run
+    lines = (first.stdout + first.stderr).splitlines()
+    assert len(lines) < 120, "\n".join(lines)  # was ~1,900 (236 of them Ray Train state queries)
+    n = int(first.stdout.split(" steps in ")[0].split()[-1])
+    assert sum(": done (" in line for line in first.stderr.splitlines()) == n  # one line per step
+    assert "step" in first.stdout and "status  seconds  metrics" in first.stdout  # the final table
+    assert not any("Failed to query Ray Train Controller" in line or "Reporting training result" in line
+                   or "FutureWarning" in line for line in lines)
+    logs = Path(first.stderr.splitlines()[0].removeprefix("logs: "))
+    assert (logs / "driver.log").is_file() and (logs / "ray").is_symlink()
+    assert "running ->" in (logs / "pretrain.log").read_text()  # the step's own output, off the console
+    assert sum(": cached (" in line for line in second.stderr.splitlines()) == n
+    assert len((second.stdout + second.stderr).splitlines()) < 120

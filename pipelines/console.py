@@ -109,7 +109,7 @@ def status_line(elapsed: float, finished: int, total: int, running: list[str],
         shown = f"{name} [{bar(p.done, p.total)}] {p.done}/{p.total} {p.unit}" if p.total else \
             f"{name} {p.done} {p.unit}"
         parts.append(shown + (f" loss {p.loss:.3f}" if p.loss is not None else ""))
-    line = f"[{elapsed:7.1f}s] {finished}/{total} steps | " + (" | ".join(parts) or "waiting")
+    line = f"[{elapsed:7.1f}s] {finished}/{total} steps | " + (" | ".join(parts) or "starting")
     return line if len(line) <= width else line[: max(width - 3, 0)] + "..."
 
 
@@ -270,10 +270,14 @@ class Console:
         self.poll([])  # notices of the step (its resume message) before its line
         self._done.add(name)
         self.finished += 1
+        self._clear()
+        self._status = ""  # stale now: the next poll draws it again
         self.say(step_line(time.time() - self.started, name, cached, seconds, metrics, key_metrics))
 
     def failure(self, step: str, message: str) -> None:
         self.poll([])
+        self._clear()
+        self.tty, self._status = False, ""  # the run is over: no status line between the error's lines
         self.say(f"\nerror: {message}")
         if self.dir is not None:
             self.say(f"  the step's log:  {self.step_log(step)}")

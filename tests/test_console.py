@@ -109,9 +109,12 @@ def test_a_terminal_gets_one_status_line_redrawn_in_place(tmp_path, monkeypatch)
         assert "0/3 steps | data [#####...............] 10/40 rows | pretrain [#####" in drawn
         assert "50/200 steps loss 5.310" in drawn and "sft" not in drawn
         console.step_done("data", False, 3.0, {})
+        console.poll(["pretrain"])
+        console.failure("pretrain", "step 'pretrain' failed: boom")
     text = err.getvalue()
-    # the step line replaces the status line, which comes back below it; nothing is left at the end
-    assert "\r\x1b[K[" in text and "data: done (3.0s)\n[" in text and text.endswith("\r\x1b[K")
+    assert "steps |" not in text.split("error: step 'pretrain' failed: boom")[1]  # no status amid the error
+    # the step line replaces the status line, which comes back below it
+    assert "\r\x1b[K[" in text and "data: done (3.0s)\n" in text
 
 
 def test_verbose_keeps_everything_on_the_console(tmp_path, monkeypatch):

@@ -172,6 +172,8 @@ def run_dag(specs: list[StepSpec], cfg: Config, tracking: Any, *, all_specs: lis
         except Exception as e:
             for ref in pending:
                 ray.cancel(ref)
+            if console.quiet:  # steps after the failed one fail with its error: said once, not at exit
+                os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
             raise StepFailed(name, e) from e
         r = results[name]
         console.step_done(name, r.cached, r.seconds, r.metrics, key_metrics)

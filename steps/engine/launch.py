@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,8 +55,6 @@ def output_to(path: str | None) -> Iterator[None]:
 
 def _logged_train_loop(config: dict) -> None:
     """worker.train_loop with its output in the step's log file (when the pipeline gave one)."""
-    if config.get("log_file"):  # torch's collectives warn on every call: once is enough in a log
-        warnings.filterwarnings("once", category=FutureWarning)
     with output_to(config.get("log_file")):
         train_loop(config)
 
@@ -97,6 +94,9 @@ def train(objective: Objective, train_cfg: TrainConfig, optim_cfg: OptimConfig, 
     # Ray Train's print patch sends every print to the root logger as well as to stdout: each line of
     # a worker would appear twice in the step's log (steps keep their own output, pipelines/console.py)
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    # torch's collectives warn on every call (FutureWarning: all_gather_into_tensor is deprecated): once
+    # per worker is enough. Set at interpreter start, so no filter set later in a thread can drop it.
+    env["PYTHONWARNINGS"] = "once::FutureWarning"
     if "LLAMA2_FAIL_AT_STEP" in os.environ:  # planned-crash hook of the resume tests
         env["LLAMA2_FAIL_AT_STEP"] = os.environ["LLAMA2_FAIL_AT_STEP"]
     if not ray.is_initialized():

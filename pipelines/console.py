@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -188,7 +188,7 @@ class Console:
             self.dir = Path(root) / "logs" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
             self.dir.mkdir(parents=True, exist_ok=True)
             _relink(self.dir.parent / "latest", self.dir.name)
-        self.progress: TrainingProgress | None = None
+        self.progress: Callable[[], dict[str, Progress]] | None = None  # e.g. TrainingProgress
         self._owned: list[TextIO] = []
         self._saved: tuple[int, int] | None = None
         self._offsets: dict[str, int] = {}

@@ -13,14 +13,15 @@ import logging
 import os
 import re
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from pipelines.config import Config, StepResources
-from pipelines.runner import StepResult, StepSpec, execute_step, plan_fingerprints
+from pipelines.console import Console, logged_step, verbose
+from pipelines.runner import StepResult, StepSpec, plan_fingerprints
 from pipelines.tracking import check_tracking_for_cluster, tracking_uri
 
 log = logging.getLogger("pipelines")
@@ -61,7 +62,7 @@ def _in_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def ensure_ray(cfg: Config) -> str:
+def ensure_ray(cfg: Config, say: Callable[[str], None] | None = None) -> str:
     """Start or join Ray and say which (printed, and returned).
 
     Inside `ray job submit` the run joins the job's cluster; with `run.ray_address` set it joins
@@ -71,6 +72,9 @@ def ensure_ray(cfg: Config) -> str:
     `run.ray_address` does not name is refused rather than silently followed. Once connected,
     it refuses a file/sqlite tracking store when the cluster has more than one node, and a
     storage root inside the job's temporary working directory, which Ray deletes.
+
+    The local instance keeps workers' output off the console (log_to_driver=False): steps write
+    to their own log files (pipelines/console.py), Ray's internal actors to its session logs.
     """
     if ray.is_initialized():
         return "ray: already initialised in this process"
@@ -91,13 +95,16 @@ def ensure_ray(cfg: Config) -> str:
     else:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
         env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
-        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True,
+        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=verbose(),
                  configure_logging=True, logging_level=logging.WARNING)
         how = "started a private local instance"
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     where = ray.get_runtime_context().gcs_address
     message = f"ray: {how} at {where} ({len(nodes)} node{'s' * (len(nodes) != 1)})"
-    print(message, file=sys.stderr, flush=True)
+    if say is None:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        say(message)
     check_cluster_storage(cfg, num_nodes=len(nodes), in_job=_in_ray_job())
     return message
 
@@ -136,32 +143,40 @@ def _task_options(spec: StepSpec, res: StepResources | None) -> dict[str, Any]:
 
 
 def run_dag(specs: list[StepSpec], cfg: Config, tracking: Any, *, all_specs: list[StepSpec] | None = None,
+            console: Console | None = None, key_metrics: dict[str, list[str]] | None = None,
             ) -> list[StepResult]:
-    """Run `specs` (a topologically ordered, closed subset of the pipeline) on Ray."""
+    """Run `specs` (a topologically ordered, closed subset of the pipeline) on Ray, printing a
+    line per step as it ends (and, on a terminal, the steps in flight) on `console`."""
+    console = console or Console(Path(cfg.run.output_dir), quiet=False)
     fps = plan_fingerprints(all_specs or specs, cfg)
     cfg_json = cfg.model_dump_json()
-    remote = ray.remote(execute_step)
+    remote = ray.remote(logged_step)
     refs: dict[str, ray.ObjectRef] = {}
     for spec in specs:
         upstream = {arg: refs[src] for arg, src in spec.inputs.items()}
         opts = _task_options(spec, step_resources(cfg, spec.name))
-        refs[spec.name] = remote.options(**opts).remote(spec, cfg_json, fps[spec.name], tracking, **upstream)
+        refs[spec.name] = remote.options(**opts).remote(console.step_log(spec.name), spec, cfg_json,
+                                                        fps[spec.name], tracking, **upstream)
 
     results: dict[str, StepResult] = {}
     pending = {ref: name for name, ref in refs.items()}
-    started = time.time()
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        # a short wait: between two, the console relays notices and redraws its status line
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        if not done:
+            console.poll(pending.values())
+            continue
         name = pending.pop(done[0])
         try:
             results[name] = ray.get(done[0])
         except Exception as e:
             for ref in pending:
                 ray.cancel(ref)
+            if console.quiet:  # steps after the failed one fail with its error: said once, not at exit
+                os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
             raise StepFailed(name, e) from e
         r = results[name]
-        print(f"[{time.time() - started:7.1f}s] {name}: {'cached' if r.cached else 'done'} "
-              f"({r.seconds:.1f}s) -> {r.path}", file=sys.stderr, flush=True)
+        console.step_done(name, r.cached, r.seconds, r.metrics, key_metrics)
     return [results[s.name] for s in specs]
 
 

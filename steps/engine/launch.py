@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,47 @@ from model.weights import INDEX, SINGLE
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.engine.objective import Objective
 from steps.engine.worker import train_loop
+
+# The file a pipeline step's output goes to, set by the pipeline in the step's process while the step
+# runs (pipelines/console.py): the step's Ray Train workers and worker tasks write there too, so
+# DeepSpeed's info logs, deprecation warnings and Ray Train's per-report lines stay off the console.
+STEP_LOG_ENV = "LLAMA2_STEP_LOG"
+
+
+@contextmanager
+def output_to(path: str | None) -> Iterator[None]:
+    """While inside, this process's stdout and stderr append to `path` at the file-descriptor
+    level, so C++ logs (Ray core, gloo) and subprocesses land there too, not only Python's
+    prints. Nothing changes when `path` is None (benchmarks, tests, a plain `train()` call)."""
+    if not path:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # append: ranks share the file
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (*saved, fd):
+            os.close(f)
+
+
+def _logged_train_loop(config: dict) -> None:
+    """worker.train_loop with its output in the step's log file (when the pipeline gave one)."""
+    with output_to(config.get("log_file")):
+        train_loop(config)
+
+
+def _logged_call(log_file: str | None, fn, *args, **kwargs):
+    with output_to(log_file):
+        return fn(*args, **kwargs)
 
 
 @dataclass
@@ -47,15 +91,24 @@ def train(objective: Objective, train_cfg: TrainConfig, optim_cfg: OptimConfig, 
         resources["GPU"] = train_cfg.gpus_per_worker or 1
     env = {"DS_ACCELERATOR": "cuda" if train_cfg.use_gpu else "cpu", "OMP_NUM_THREADS":
            str(max(1, int(train_cfg.cpus_per_worker)))}
+    # Ray Train's print patch sends every print to the root logger as well as to stdout: each line of
+    # a worker would appear twice in the step's log (steps keep their own output, pipelines/console.py)
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    # DeepSpeed's ZeRO-3 calls two collectives that torch deprecates, and torch warns on every call (two
+    # log lines per step per rank; "once" does not hold: any catch_warnings() clears its registry).
+    # Not ours to change: ignored by message, set at interpreter start. Other warnings stay in the log.
+    env["PYTHONWARNINGS"] = ",".join(f"ignore:`torch.distributed.{name}` is deprecated::"
+                                     for name in ("all_gather_into_tensor", "reduce_scatter_tensor"))
     if "LLAMA2_FAIL_AT_STEP" in os.environ:  # planned-crash hook of the resume tests
         env["LLAMA2_FAIL_AT_STEP"] = os.environ["LLAMA2_FAIL_AT_STEP"]
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     trainer = TorchTrainer(
-        train_loop,
+        _logged_train_loop,
         train_loop_config={"objective": objective, "train_cfg": train_cfg, "optim_cfg": optim_cfg,
                            "work_dir": str(work_dir), "out_dir": str(out_dir), "seed": seed,
-                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "log_file": os.environ.get(STEP_LOG_ENV)},
         torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker=resources),
@@ -78,5 +131,6 @@ def run_on_worker(fn, resources: StepResources, *args, **kwargs):
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     memory = int(resources.memory_gb * 2**30) if resources.memory_gb else None
-    task = ray.remote(fn).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, memory=memory)
-    return ray.get(task.remote(*args, **kwargs))
+    task = ray.remote(_logged_call).options(name=getattr(fn, "__name__", "run_on_worker"), memory=memory,
+                                            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+    return ray.get(task.remote(os.environ.get(STEP_LOG_ENV), fn, *args, **kwargs))

@@ -197,6 +197,7 @@ def train_loop(config: dict) -> None:
             print(f"[engine] resumed {obj.name} from {tag} (step {start} of {total})", flush=True)
 
     logger = MetricLogger(config.get("tracking_uri"), config.get("mlflow_run_id"), rank)
+    logger.log({"total_steps": total}, start)  # the length of the run, for progress displays
     fail_at = int(os.environ.get("LLAMA2_FAIL_AT_STEP", "0"))
     tick, window = time.time(), {}
     first_step_at = tick  # launch overhead = this minus the time train() was called

@@ -1,0 +1,279 @@
+"""PPO iteration time: ours (steps/ppo.run_ppo: Ray actors for the sampler, the reference and the
+two reward models, the persistent learner on the shared engine) against TRL's PPOTrainer, in one run.
+
+Same start (a finished pipeline run's chat model `rs_v{i}` and reward model(s) of that
+iteration, ours from their safetensors, TRL's from their HF exports), same prompts (the train
+prompts of `prefs_v{i}`, via steps.rejection.prompts_of, encoded once with model/chat.py so
+both sides see the same token ids), same number of prompts per PPO iteration, number of new
+tokens, temperature, PPO epochs and mini-batches (one optimizer step per mini-batch), clip
+ranges, GAE gamma/lambda, KL coefficient, AdamW settings and precision (fp32 on CPU).
+
+What differs, by design of each side (so TRL is the easier side):
+  - reward: ours scores every response with BOTH reward models and gates them
+    (steps/gated_reward.py: Rc = safety RM for safety prompts or unsafe answers, else the
+    helpfulness RM; then whiten(logit(Rc))); TRL's PPOTrainer takes one reward model, the
+    helpfulness RM here. Our scoring therefore runs one more reward model per response.
+  - critic: each side initialises its critic from the helpfulness RM its own way.
+  - EOS: TRL samples exactly `--new-tokens` tokens (no stop token); ours stops a response at
+    EOS, so the tokens generated on each side are counted and printed (the "work" check).
+
+TRL removed PPOTrainer in 1.13 (huggingface/trl PR 7020); the last release with
+`trl.experimental.ppo` is 1.12.0, which requirements-bench.txt's trl==1.16.0 lacks. The
+benchmark imports it from a side directory (gitignored), so the other benchmarks keep 1.16:
+
+    pip install -r requirements-bench.txt
+    pip install --no-deps --target .cache/trl-ppo trl==1.12.0
+    python benchmarks/ppo_step.py --run-dir <a pipeline --output-dir that has reached V4>
+
+Timing: per PPO iteration (rollout + scoring + update), steady state = mean over the iterations
+after the first; the first iteration is also reported including launch (model loading, trainer
+or Ray actor start), as the whole call's wall time minus the steady iterations. Our breakdown
+comes from run_ppo's history (time.rollout / time.score / time.update); TRL's from timers
+wrapped around its module functions (generation; no-grad forwards of the reference, value and
+reward models; the rest of the iteration).
+
+The last line is `ratio_vs_trl: X` (steady-state seconds per PPO iteration, ours / TRL; below 1:
+we are faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TRL_PPO_DIR = ROOT / ".cache" / "trl-ppo"
+TRL_PPO_VERSION = "1.12.0"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def artifact(run_dir: Path, step: str) -> Path:
+    """The one complete artifact of `step` in a pipeline output dir (`<step>/<fingerprint>/`)."""
+    found = sorted(p for p in glob.glob(str(run_dir / step / "*")) if (Path(p) / "manifest.json").exists())
+    if not found:
+        raise SystemExit(f"{run_dir}: no finished {step} artifact (run the pipeline through that step first)")
+    if len(found) > 1:
+        print(f"note: {len(found)} {step} artifacts, using {found[-1]}", file=sys.stderr)
+    return Path(found[-1])
+
+
+def load_prompts(prefs: Path, policy: Path, n: int, max_prompt: int, seed: int):
+    """n train prompts of the preference batch (key, turns, is_safety) whose encoding leaves room
+    for the response in the model's context, and their token ids (model/chat.py's encoder)."""
+    import pyarrow.parquet as pq
+
+    from model.chat import encode_prompt
+    from steps.rejection import prompts_of, to_dialogue
+    from steps.sft import load_chat_model
+
+    _, tok = load_chat_model(policy)
+    prompts, ids = [], []
+    for p in prompts_of(pq.read_table(prefs / "pairs.parquet"), 10**9, seed):
+        enc = encode_prompt(tok, to_dialogue(p[1]))
+        if len(enc) <= max_prompt:
+            prompts.append(p)
+            ids.append(enc)
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(prompts), n, replace=False).tolist()) if len(prompts) > n else range(len(prompts))
+    if len(pick) < n:
+        raise SystemExit(f"only {len(pick)} prompts of at most {max_prompt} tokens in {prefs}")
+    return [prompts[i] for i in pick], [ids[i] for i in pick], tok
+
+
+# ------------------------------------------------------------------------------------------- TRL
+def import_trl_ppo():
+    """trl.experimental.ppo from the side directory when it is there (1.12.0), else the installed trl."""
+    if (TRL_PPO_DIR / "trl" / "experimental" / "ppo").is_dir():
+        sys.path.insert(0, str(TRL_PPO_DIR))
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        import trl
+        from trl.experimental.ppo import ppo_trainer
+    except ImportError as e:
+        raise SystemExit(f"TRL's PPOTrainer is missing ({e}); it was removed in trl 1.13. Install the last release "
+                         f"that has it beside the pinned one:\n  pip install --no-deps --target {TRL_PPO_DIR} "
+                         f"trl=={TRL_PPO_VERSION}") from None
+    return trl.__version__, ppo_trainer
+
+
+def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> dict:
+    start = time.perf_counter()  # the launch includes importing TRL and transformers
+    import datasets
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+
+    version, mod = import_trl_ppo()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    phase = {"rollout": 0.0, "score": 0.0}
+    work_done = {"prompts": 0, "tokens": 0, "steps": 0}
+    per_iter: list[dict] = []
+
+    def timed(fn, name, when=lambda: True):
+        def wrapper(*a, **k):
+            if not when():
+                return fn(*a, **k)
+            sync()
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            phase[name] += time.perf_counter() - start
+            return out
+        return wrapper
+
+    gen = mod.batch_generation
+
+    def generation(model, queries, *a, **k):
+        qr, logits = gen(model, queries, *a, **k)
+        work_done["prompts"] += queries.shape[0]
+        # no stop token: every row holds exactly response_length new tokens (a sampled pad id included)
+        work_done["tokens"] += queries.shape[0] * (qr.shape[1] - queries.shape[1])
+        return qr, logits
+
+    # Module-level names the trainer calls: generation is the rollout; the no-grad forwards
+    # (reference log-probs, critic values, reward) are the scoring; the rest is the update.
+    mod.batch_generation = timed(generation, "rollout")
+    mod.forward = timed(mod.forward, "score", when=lambda: not torch.is_grad_enabled())
+    mod.get_reward = timed(mod.get_reward, "score")
+    ticks: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            sync()
+            ticks.append(time.perf_counter())
+            per_iter.append(dict(phase))
+            phase.update(rollout=0.0, score=0.0)
+
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(str(policy / "hf"))
+    tok.padding_side = "left"  # generation continues every prompt from its last column
+
+    def load(cls, d):
+        return cls.from_pretrained(str(d / "hf"), dtype=dtype).to(args.device)
+
+    model = load(AutoModelForCausalLM, policy)
+    ref = load(AutoModelForCausalLM, policy)
+    value = load(AutoModelForSequenceClassification, rm)  # the critic starts from the reward model
+    reward = load(AutoModelForSequenceClassification, rm)
+    ds = datasets.Dataset.from_dict({"input_ids": ids})
+    cfg = mod.PPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts, gradient_accumulation_steps=1,
+        num_mini_batches=args.mini_batches, num_ppo_epochs=args.epochs, total_episodes=args.prompts * args.iterations,
+        local_rollout_forward_batch_size=args.prompts, response_length=args.new_tokens, stop_token=None,
+        temperature=args.temperature, kl_coef=args.kl_coef, cliprange=0.2, cliprange_value=0.2, vf_coef=args.vf_coef,
+        gamma=1.0, lam=0.95, whiten_rewards=False, learning_rate=args.lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5, max_grad_norm=1.0,
+        gradient_checkpointing=False, bf16=args.device != "cpu", fp16=False, use_cpu=args.device == "cpu",
+        num_sample_generations=0, save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
+        dataloader_num_workers=0, seed=args.seed)
+    trainer = mod.PPOTrainer(args=cfg, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
+                             value_model=value, train_dataset=ds, eval_dataset=ds, callbacks=[Timer()])
+    # count the optimizer steps actually taken (the torch optimizer under accelerate's wrapper)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    inner.register_step_post_hook(lambda *a: work_done.__setitem__("steps", work_done["steps"] + 1))
+    sync()
+    train_start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    iters = np.diff([train_start, *ticks])
+    for row, s in zip(per_iter, iters):
+        row["update"] = float(s) - row["rollout"] - row["score"]
+        row["total"] = float(s)
+    return {"version": version, "iterations": per_iter, "wall_s": wall, "setup_s": train_start - start} | work_done
+
+
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------ ours
+def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, work: Path) -> dict:
+    raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------ main
+def summary(side: dict) -> dict:
+    it = side["iterations"]
+    steady = [r["total"] for r in it[1:]] or [it[0]["total"]]
+    return {"steady_s": float(np.mean(steady)), "steady_min_s": float(np.min(steady)),
+            "steady_max_s": float(np.max(steady)),
+            "first_with_launch_s": side["wall_s"] - float(sum(r["total"] for r in it[1:])),
+            "phases_s": {k: float(np.mean([r[k] for r in (it[1:] or it)])) for k in ("rollout", "score", "update")}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", type=Path, default=Path("outputs"),
+                   help="a pipeline --output-dir holding rs_v{i}, rm_*_v{i} and prefs_v{i} artifacts")
+    p.add_argument("--iteration", type=int, default=4, help="the RLHF iteration whose artifacts start PPO")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per PPO iteration (one rollout each)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=4, help="PPO iterations per side; the first is the warm-up")
+    p.add_argument("--epochs", type=int, default=1, help="PPO epochs over each batch of rollouts")
+    p.add_argument("--mini-batches", type=int, default=2, help="mini-batches per epoch, one optimizer step each")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--kl-coef", type=float, default=0.01)
+    p.add_argument("--vf-coef", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-6)
+    # 1 by default: on a shared, loaded 2-core machine more OpenMP threads per process oversubscribe
+    # the cores (see benchmarks/reward_throughput.py)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--ours-first", action="store_true", help="run ours before TRL (checks order effects)")
+    p.add_argument("--only", choices=["ours", "trl"], default=None, help="time one side only (no ratio)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    i = args.iteration
+    policy, prefs = artifact(args.run_dir, f"rs_v{i}"), artifact(args.run_dir, f"prefs_v{i}")
+    rm_h, rm_s = artifact(args.run_dir, f"rm_helpfulness_v{i}"), artifact(args.run_dir, f"rm_safety_v{i}")
+    mcfg = json.loads((policy / "model_config.json").read_text())
+    prompts, ids, _ = load_prompts(prefs, policy, args.prompts, mcfg["max_seq_len"] - args.new_tokens, args.seed)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        order = ["ours", "trl"] if args.ours_first else ["trl", "ours"]
+        for side in order:
+            if args.only not in (None, side):
+                continue
+            work = Path(tmp) / side
+            work.mkdir()
+            if side == "trl":
+                results[side] = run_trl(args, policy, rm_h, ids, work)
+            else:
+                results[side] = run_ours(args, policy, rm_h, rm_s, prompts, work)
+    sums = {k: summary(v) for k, v in results.items()}
+    setup = {k: getattr(args, k) for k in ("prompts", "new_tokens", "iterations", "epochs", "mini_batches",
+                                           "temperature", "threads", "device")}
+    print(json.dumps({"setup": setup | {"model": mcfg, "safety_prompts": int(sum(p[2] for p in prompts))},
+                      "results": results, "summary": sums}, indent=2, default=float))
+    for name, s in sums.items():
+        r = results[name]
+        print(f"{name:5} per iteration: {s['steady_s']:.2f} s (min {s['steady_min_s']:.2f}, max {s['steady_max_s']:.2f}"
+              f"; rollout {s['phases_s']['rollout']:.2f}, score {s['phases_s']['score']:.2f}, "
+              f"update {s['phases_s']['update']:.2f}); first with launch {s['first_with_launch_s']:.1f} s; "
+              f"work: {r['prompts']} prompts, {r['tokens']} generated tokens, {r['steps']} optimizer steps")
+    if len(sums) == 2:
+        o, t = results["ours"], results["trl"]
+        same = all(o[k] == t[k] for k in ("prompts", "steps"))
+        print(f"equal work: prompts {o['prompts']} vs {t['prompts']}, optimizer steps {o['steps']} vs {t['steps']}, "
+              f"generated tokens {o['tokens']} vs {t['tokens']} -> {'OK' if same else 'MISMATCH'}")
+        print(f"first_iteration_ratio_vs_trl: {sums['ours']['first_with_launch_s'] / sums['trl']['first_with_launch_s']:.3f}")
+        print(f"ratio_vs_trl: {sums['ours']['steady_s'] / sums['trl']['steady_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -133,7 +133,8 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
             return out
         return wrapper
 
-    gen = mod.batch_generation
+    originals = {k: getattr(mod, k) for k in ("batch_generation", "forward", "get_reward")}
+    gen = originals["batch_generation"]
 
     def generation(model, queries, *a, **k):
         qr, logits = gen(model, queries, *a, **k)
@@ -145,8 +146,8 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     # Module-level names the trainer calls: generation is the rollout; the no-grad forwards
     # (reference log-probs, critic values, reward) are the scoring; the rest is the update.
     mod.batch_generation = timed(generation, "rollout")
-    mod.forward = timed(mod.forward, "score", when=lambda: not torch.is_grad_enabled())
-    mod.get_reward = timed(mod.get_reward, "score")
+    mod.forward = timed(originals["forward"], "score", when=lambda: not torch.is_grad_enabled())
+    mod.get_reward = timed(originals["get_reward"], "score")
     ticks: list[float] = []
 
     class Timer(TrainerCallback):
@@ -185,7 +186,11 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     inner.register_step_post_hook(lambda *a: work_done.__setitem__("steps", work_done["steps"] + 1))
     sync()
     train_start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # a later repeat wraps the originals again
+        for k, fn in originals.items():
+            setattr(mod, k, fn)
     wall = time.perf_counter() - start
     iters = np.diff([train_start, *ticks])
     for row, s in zip(per_iter, iters):
@@ -205,13 +210,21 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, work: Path) ->
 
 
 # ------------------------------------------------------------------------------------------ main
-def summary(side: dict) -> dict:
-    it = side["iterations"]
-    steady = [r["total"] for r in it[1:]] or [it[0]["total"]]
+def summary(runs: list[dict]) -> dict:
+    """Steady state: every iteration after each run's first (pooled over repeats); the first
+    iteration with launch: the run's wall time minus its steady iterations (mean over repeats)."""
+    steady = [r["total"] for run in runs for r in run["iterations"][1:]]
+    rows = [r for run in runs for r in run["iterations"][1:]]
+    if not steady:  # one iteration per run: nothing is steady, report it as is
+        rows = [run["iterations"][0] for run in runs]
+        steady = [r["total"] for r in rows]
+    first = [run["wall_s"] - sum(r["total"] for r in run["iterations"][1:]) for run in runs]
     return {"steady_s": float(np.mean(steady)), "steady_min_s": float(np.min(steady)),
-            "steady_max_s": float(np.max(steady)),
-            "first_with_launch_s": side["wall_s"] - float(sum(r["total"] for r in it[1:])),
-            "phases_s": {k: float(np.mean([r[k] for r in (it[1:] or it)])) for k in ("rollout", "score", "update")}}
+            "steady_max_s": float(np.max(steady)), "steady_n": len(steady),
+            "per_run_steady_s": [float(np.mean([r["total"] for r in run["iterations"][1:]] or
+                                               [run["iterations"][0]["total"]])) for run in runs],
+            "first_with_launch_s": float(np.mean(first)),
+            "phases_s": {k: float(np.mean([r[k] for r in rows])) for k in ("rollout", "score", "update")}}
 
 
 def main() -> None:
@@ -221,7 +234,7 @@ def main() -> None:
     p.add_argument("--iteration", type=int, default=4, help="the RLHF iteration whose artifacts start PPO")
     p.add_argument("--prompts", type=int, default=16, help="prompts per PPO iteration (one rollout each)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=4, help="PPO iterations per side; the first is the warm-up")
+    p.add_argument("--iterations", type=int, default=4, help="PPO iterations per run; the first is the warm-up")
     p.add_argument("--epochs", type=int, default=1, help="PPO epochs over each batch of rollouts")
     p.add_argument("--mini-batches", type=int, default=2, help="mini-batches per epoch, one optimizer step each")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -232,7 +245,9 @@ def main() -> None:
     # the cores (see benchmarks/reward_throughput.py)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--ours-first", action="store_true", help="run ours before TRL (checks order effects)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per side, alternating which side goes first (the machine's load drifts)")
+    p.add_argument("--ours-first", action="store_true", help="ours before TRL in the first repeat")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="time one side only (no ratio)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -243,35 +258,45 @@ def main() -> None:
     rm_h, rm_s = artifact(args.run_dir, f"rm_helpfulness_v{i}"), artifact(args.run_dir, f"rm_safety_v{i}")
     mcfg = json.loads((policy / "model_config.json").read_text())
     prompts, ids, _ = load_prompts(prefs, policy, args.prompts, mcfg["max_seq_len"] - args.new_tokens, args.seed)
-    results: dict[str, dict] = {}
+    results: dict[str, list[dict]] = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
-        order = ["ours", "trl"] if args.ours_first else ["trl", "ours"]
-        for side in order:
-            if args.only not in (None, side):
-                continue
-            work = Path(tmp) / side
-            work.mkdir()
-            if side == "trl":
-                results[side] = run_trl(args, policy, rm_h, ids, work)
-            else:
-                results[side] = run_ours(args, policy, rm_h, rm_s, prompts, work)
+        for rep in range(args.repeats):
+            order = ["ours", "trl"] if args.ours_first == (rep % 2 == 0) else ["trl", "ours"]
+            for side in order:
+                if args.only not in (None, side):
+                    continue
+                work = Path(tmp) / f"{side}{rep}"
+                work.mkdir()
+                print(f"[ppo_step] repeat {rep + 1}/{args.repeats}: {side}", file=sys.stderr, flush=True)
+                if side == "trl":
+                    results[side].append(run_trl(args, policy, rm_h, ids, work))
+                else:
+                    results[side].append(run_ours(args, policy, rm_h, rm_s, prompts, work))
+    results = {k: v for k, v in results.items() if v}
     sums = {k: summary(v) for k, v in results.items()}
     setup = {k: getattr(args, k) for k in ("prompts", "new_tokens", "iterations", "epochs", "mini_batches",
-                                           "temperature", "threads", "device")}
+                                           "temperature", "threads", "device", "repeats")}
     print(json.dumps({"setup": setup | {"model": mcfg, "safety_prompts": int(sum(p[2] for p in prompts))},
                       "results": results, "summary": sums}, indent=2, default=float))
+    print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.prompts} prompts x {args.new_tokens} "
+          f"new tokens, {args.epochs} epoch(s) x {args.mini_batches} mini-batches per iteration, {args.iterations} "
+          f"iterations x {args.repeats} repeat(s) per side, device {args.device}, {args.threads} thread(s) for TRL")
     for name, s in sums.items():
-        r = results[name]
-        print(f"{name:5} per iteration: {s['steady_s']:.2f} s (min {s['steady_min_s']:.2f}, max {s['steady_max_s']:.2f}"
-              f"; rollout {s['phases_s']['rollout']:.2f}, score {s['phases_s']['score']:.2f}, "
-              f"update {s['phases_s']['update']:.2f}); first with launch {s['first_with_launch_s']:.1f} s; "
-              f"work: {r['prompts']} prompts, {r['tokens']} generated tokens, {r['steps']} optimizer steps")
+        w = results[name][0]
+        print(f"{name:5} per iteration: {s['steady_s']:.2f} s over {s['steady_n']} steady iterations "
+              f"(min {s['steady_min_s']:.2f}, max {s['steady_max_s']:.2f}; rollout {s['phases_s']['rollout']:.2f}, "
+              f"score {s['phases_s']['score']:.2f}, update {s['phases_s']['update']:.2f}); first iteration with "
+              f"launch {s['first_with_launch_s']:.1f} s; work per run: {w['prompts']} prompts, {w['tokens']} "
+              f"generated tokens, {w['steps']} optimizer steps")
     if len(sums) == 2:
-        o, t = results["ours"], results["trl"]
+        o, t = results["ours"][0], results["trl"][0]
         same = all(o[k] == t[k] for k in ("prompts", "steps"))
-        print(f"equal work: prompts {o['prompts']} vs {t['prompts']}, optimizer steps {o['steps']} vs {t['steps']}, "
-              f"generated tokens {o['tokens']} vs {t['tokens']} -> {'OK' if same else 'MISMATCH'}")
-        print(f"first_iteration_ratio_vs_trl: {sums['ours']['first_with_launch_s'] / sums['trl']['first_with_launch_s']:.3f}")
+        print(f"equal work: prompts {o['prompts']} vs {t['prompts']}, optimizer steps {o['steps']} vs {t['steps']} "
+              f"({'OK' if same else 'MISMATCH'}); generated tokens {o['tokens']} vs {t['tokens']} (ours stops at EOS)")
+        per_rep = [a / b for a, b in zip(sums["ours"]["per_run_steady_s"], sums["trl"]["per_run_steady_s"])]
+        print("ratio per repeat: " + ", ".join(f"{r:.3f}" for r in per_rep))
+        print(f"first_iteration_ratio_vs_trl: "
+              f"{sums['ours']['first_with_launch_s'] / sums['trl']['first_with_launch_s']:.3f}")
         print(f"ratio_vs_trl: {sums['ours']['steady_s'] / sums['trl']['steady_s']:.3f}")
 
 

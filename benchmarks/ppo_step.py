@@ -66,9 +66,9 @@ def artifact(run_dir: Path, step: str) -> Path:
     return Path(found[-1])
 
 
-def load_prompts(prefs: Path, policy: Path, n: int, max_prompt: int, seed: int):
-    """n train prompts of the preference batch (key, turns, is_safety) whose encoding leaves room
-    for the response in the model's context, and their token ids (model/chat.py's encoder)."""
+def load_prompts(prefs: Path, policy: Path, n: int, max_prompt: int, seed: int, split: str = "train"):
+    """n `split` prompts of the preference batch (key, turns, is_safety) whose encoding leaves
+    room for the response in the model's context, and their token ids (model/chat.py's encoder)."""
     import pyarrow.parquet as pq
 
     from model.chat import encode_prompt
@@ -77,7 +77,7 @@ def load_prompts(prefs: Path, policy: Path, n: int, max_prompt: int, seed: int):
 
     _, tok = load_chat_model(policy)
     prompts, ids = [], []
-    for p in prompts_of(pq.read_table(prefs / "pairs.parquet"), 10**9, seed):
+    for p in prompts_of(pq.read_table(prefs / "pairs.parquet"), 10**9, seed, split):
         enc = encode_prompt(tok, to_dialogue(p[1]))
         if len(enc) <= max_prompt:
             prompts.append(p)
@@ -139,8 +139,12 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     def generation(model, queries, *a, **k):
         qr, logits = gen(model, queries, *a, **k)
         work_done["prompts"] += queries.shape[0]
-        # no stop token: every row holds exactly response_length new tokens (a sampled pad id included)
-        work_done["tokens"] += queries.shape[0] * (qr.shape[1] - queries.shape[1])
+        # a response's tokens up to and including its first EOS (all of them if it has none),
+        # as ours counts them (its action mask)
+        resp = qr[:, queries.shape[1]:]
+        eos = resp == tok.eos_token_id
+        n = torch.where(eos.any(1), eos.int().argmax(1) + 1, torch.full_like(eos[:, 0], resp.shape[1], dtype=torch.long))
+        work_done["tokens"] += int(n.sum())
         return qr, logits
 
     # Module-level names the trainer calls: generation is the rollout; the no-grad forwards
@@ -172,7 +176,7 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     cfg = mod.PPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts, gradient_accumulation_steps=1,
         num_mini_batches=args.mini_batches, num_ppo_epochs=args.epochs, total_episodes=args.prompts * args.iterations,
-        local_rollout_forward_batch_size=args.prompts, response_length=args.new_tokens, stop_token=None,
+        local_rollout_forward_batch_size=args.prompts, response_length=args.new_tokens, stop_token="eos",
         temperature=args.temperature, kl_coef=args.kl_coef, cliprange=0.2, cliprange_value=0.2, vf_coef=args.vf_coef,
         gamma=1.0, lam=0.95, whiten_rewards=False, learning_rate=args.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5, max_grad_norm=1.0,
@@ -196,7 +200,8 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     for row, s in zip(per_iter, iters):
         row["update"] = float(s) - row["rollout"] - row["score"]
         row["total"] = float(s)
-    return {"version": version, "iterations": per_iter, "wall_s": wall, "setup_s": train_start - start} | work_done
+    return {"version": version, "iterations": per_iter, "wall_s": wall, "setup_s": train_start - start,
+            "first_end_s": ticks[0] - start} | work_done
 
 
 def sync() -> None:
@@ -205,20 +210,88 @@ def sync() -> None:
 
 
 # ------------------------------------------------------------------------------------------ ours
-def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, work: Path) -> dict:
-    raise NotImplementedError
+def ours_config(args):
+    """The tiny preset's `rlhf.ppo` (its resources: the roles share the machine as in the
+    pipeline), with the benchmark's batch, lengths and optimisation settings."""
+    from pipelines.config import load_config
+
+    cfg = load_config(None)
+    ppo = cfg.rlhf.ppo
+    mini = args.prompts // args.mini_batches
+    gpu = args.device != "cpu"
+    res = {"num_gpus": 1} if gpu else {}
+    train = ppo.train.model_copy(update={"global_batch_size": args.prompts, "micro_batch_size": mini,
+                                         "num_workers": 1, "use_gpu": gpu, "gpus_per_worker": 1 if gpu else 0,
+                                         "precision": "fp32" if not gpu else ppo.train.precision})
+    optim = ppo.optim.model_copy(update={"lr": args.lr, "schedule": "constant", "warmup_steps": 0,
+                                         "warmup_fraction": None, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-5, "grad_clip": 1.0})
+    update = {"train": train, "optim": optim, "critic_train": None, "critic_optim": None,
+              "mini_batch_size": mini, "ppo_epochs": args.epochs, "samples_per_prompt": 1,
+              "clip": 0.2, "value_clip": 0.2, "kl_beta": args.kl_coef, "gamma": 1.0, "lam": 0.95,
+              "iterations": args.iterations, "max_new_tokens": args.new_tokens, "temperature": args.temperature,
+              "top_p": 1.0, "num_prompts": args.prompts,
+              # one held-out prompt, evaluated before the first and after the last iteration only
+              # (outside the timed iterations); no checkpoint, no early stop inside the run
+              "eval_every": 10**6, "eval_prompts": 1, "eval_samples": 1, "early_stop_patience": 10**6,
+              "kl_stop": 1e9, "max_length_ratio": 1e9, "checkpoint_every": 10**6,
+              "sampler": ppo.sampler.model_copy(update=res), "scorer": ppo.scorer.model_copy(update=res)}
+    return cfg, ppo.model_copy(update=update), cfg.rlhf.safety_threshold
+
+
+def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work: Path) -> dict:
+    import steps.engine.learner as learner
+    from steps.ppo import run_ppo
+
+    cfg, pcfg, threshold = ours_config(args)
+    ticks: list[float] = []
+    evals: list[float] = []
+    steps: dict[int, int] = {}
+
+    def log(metrics: dict, step: int) -> None:
+        # an iteration's row, or a held-out evaluation's (heldout.*: before the first iteration
+        # and after the last)
+        (ticks if "time.rollout" in metrics else evals).append(time.perf_counter())
+
+    # count the optimizer steps each learner group takes (one step_async = one step)
+    original = learner.LearnerGroup.step_async
+
+    def step_async(self, rows):
+        steps[id(self)] = steps.get(id(self), 0) + 1
+        return original(self, rows)
+
+    learner.LearnerGroup.step_async = step_async
+    start = time.perf_counter()
+    try:
+        res = run_ppo(policy, rm_h, rm_s, prompts, pcfg, safety_threshold=threshold, work_dir=work / "work",
+                      out_dir=work / "out", seed=args.seed, log=log, heldout=heldout)
+    finally:
+        learner.LearnerGroup.step_async = original
+    wall = time.perf_counter() - start
+    per_iter = []
+    for h, s in zip(res.history, np.diff([start, *ticks])):
+        per_iter.append({"rollout": h["time.rollout"], "score": h["time.score"],
+                         "update": float(s) - h["time.rollout"] - h["time.score"], "total": float(s),
+                         "learner_update": h["time.update"], "response_length": h["response_length"]})
+    counts = sorted(steps.values())
+    if len(set(counts)) > 1:
+        print(f"warning: the learners took different numbers of steps: {counts}", file=sys.stderr)
+    return {"iterations": per_iter, "wall_s": wall, "first_end_s": ticks[0] - start,
+            "launch_s": evals[0] - start if evals else float("nan"),  # roles up + one held-out rollout
+            "prompts": len(res.history) * pcfg.train.global_batch_size,
+            "tokens": int(round(sum(h["response_length"] for h in res.history) * pcfg.train.global_batch_size)),
+            "steps": counts[0] if counts else 0, "stop_reason": res.stop_reason}
 
 
 # ------------------------------------------------------------------------------------------ main
 def summary(runs: list[dict]) -> dict:
     """Steady state: every iteration after each run's first (pooled over repeats); the first
-    iteration with launch: the run's wall time minus its steady iterations (mean over repeats)."""
+    iteration with launch: from the side's call to the end of its first iteration (mean over repeats)."""
     steady = [r["total"] for run in runs for r in run["iterations"][1:]]
     rows = [r for run in runs for r in run["iterations"][1:]]
     if not steady:  # one iteration per run: nothing is steady, report it as is
         rows = [run["iterations"][0] for run in runs]
         steady = [r["total"] for r in rows]
-    first = [run["wall_s"] - sum(r["total"] for r in run["iterations"][1:]) for run in runs]
+    first = [run["first_end_s"] for run in runs]
     return {"steady_s": float(np.mean(steady)), "steady_min_s": float(np.min(steady)),
             "steady_max_s": float(np.max(steady)), "steady_n": len(steady),
             "per_run_steady_s": [float(np.mean([r["total"] for r in run["iterations"][1:]] or
@@ -250,6 +323,7 @@ def main() -> None:
     p.add_argument("--ours-first", action="store_true", help="ours before TRL in the first repeat")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="time one side only (no ratio)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write every iteration's figures here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -257,7 +331,18 @@ def main() -> None:
     policy, prefs = artifact(args.run_dir, f"rs_v{i}"), artifact(args.run_dir, f"prefs_v{i}")
     rm_h, rm_s = artifact(args.run_dir, f"rm_helpfulness_v{i}"), artifact(args.run_dir, f"rm_safety_v{i}")
     mcfg = json.loads((policy / "model_config.json").read_text())
-    prompts, ids, _ = load_prompts(prefs, policy, args.prompts, mcfg["max_seq_len"] - args.new_tokens, args.seed)
+    room = mcfg["max_seq_len"] - args.new_tokens
+    prompts, ids, _ = load_prompts(prefs, policy, args.prompts, room, args.seed)
+    # run_ppo evaluates held-out prompts before and after its iterations (early stopping); one
+    # eval-split prompt keeps that small, and outside the per-iteration times
+    heldout, _, _ = load_prompts(prefs, policy, 1, room, args.seed, split="eval")
+    if args.only != "trl":
+        from pipelines.config import load_config
+        from pipelines.dag import ensure_ray
+
+        # Ray is up before either side starts, as in the pipeline (and its idle daemons load
+        # the machine during both sides' runs alike)
+        ensure_ray(load_config(None))
     results: dict[str, list[dict]] = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         for rep in range(args.repeats):
@@ -271,13 +356,20 @@ def main() -> None:
                 if side == "trl":
                     results[side].append(run_trl(args, policy, rm_h, ids, work))
                 else:
-                    results[side].append(run_ours(args, policy, rm_h, rm_s, prompts, work))
+                    results[side].append(run_ours(args, policy, rm_h, rm_s, prompts, heldout, work))
+    if args.only != "trl":
+        import ray
+
+        ray.shutdown()  # no worker log line may follow the result lines
     results = {k: v for k, v in results.items() if v}
     sums = {k: summary(v) for k, v in results.items()}
     setup = {k: getattr(args, k) for k in ("prompts", "new_tokens", "iterations", "epochs", "mini_batches",
                                            "temperature", "threads", "device", "repeats")}
-    print(json.dumps({"setup": setup | {"model": mcfg, "safety_prompts": int(sum(p[2] for p in prompts))},
-                      "results": results, "summary": sums}, indent=2, default=float))
+    report = {"setup": setup | {"model": mcfg, "safety_prompts": int(sum(p[2] for p in prompts))},
+              "results": results, "summary": sums}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+    print(json.dumps({k: report[k] for k in ("setup", "summary")}, indent=2, default=float))
     print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.prompts} prompts x {args.new_tokens} "
           f"new tokens, {args.epochs} epoch(s) x {args.mini_batches} mini-batches per iteration, {args.iterations} "
           f"iterations x {args.repeats} repeat(s) per side, device {args.device}, {args.threads} thread(s) for TRL")

@@ -13,9 +13,16 @@ What differs, by design of each side (so TRL is the easier side):
     (steps/gated_reward.py: Rc = safety RM for safety prompts or unsafe answers, else the
     helpfulness RM; then whiten(logit(Rc))); TRL's PPOTrainer takes one reward model, the
     helpfulness RM here. Our scoring therefore runs one more reward model per response.
-  - critic: each side initialises its critic from the helpfulness RM its own way.
-  - EOS: TRL samples exactly `--new-tokens` tokens (no stop token); ours stops a response at
-    EOS, so the tokens generated on each side are counted and printed (the "work" check).
+  - critic: both start it from the helpfulness RM; ours is a separate learner with its own
+    AdamW, TRL's shares one optimizer with the policy (loss = policy + vf_coef * value).
+  - old log-probs: TRL takes them from the sampling logits; ours runs the policy learner once
+    more over the rollouts (in parallel with the scorer and the critic).
+  - responses: both sides stop a response at </s> (TRL: stop_token="eos") or after
+    `--new-tokens`; sampled lengths differ by chance, so each side's generated tokens are
+    counted and printed with its prompts and optimizer steps (the equal-work check).
+  - threads: TRL runs in this process on `--threads` threads; ours runs as the tiny preset
+    places it (rlhf.ppo resources: each role a Ray actor with one thread), so its roles can
+    overlap on the machine's cores. Ray is started before either side, as in the pipeline.
 
 TRL removed PPOTrainer in 1.13 (huggingface/trl PR 7020); the last release with
 `trl.experimental.ppo` is 1.12.0, which requirements-bench.txt's trl==1.16.0 lacks. The
@@ -83,7 +90,9 @@ def load_prompts(prefs: Path, policy: Path, n: int, max_prompt: int, seed: int, 
             prompts.append(p)
             ids.append(enc)
     rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(prompts), n, replace=False).tolist()) if len(prompts) > n else range(len(prompts))
+    pick = range(len(prompts))
+    if len(prompts) > n:
+        pick = sorted(rng.choice(len(prompts), n, replace=False).tolist())
     if len(pick) < n:
         raise SystemExit(f"only {len(pick)} prompts of at most {max_prompt} tokens in {prefs}")
     return [prompts[i] for i in pick], [ids[i] for i in pick], tok
@@ -99,9 +108,9 @@ def import_trl_ppo():
         import trl
         from trl.experimental.ppo import ppo_trainer
     except ImportError as e:
-        raise SystemExit(f"TRL's PPOTrainer is missing ({e}); it was removed in trl 1.13. Install the last release "
-                         f"that has it beside the pinned one:\n  pip install --no-deps --target {TRL_PPO_DIR} "
-                         f"trl=={TRL_PPO_VERSION}") from None
+        raise SystemExit(f"TRL's PPOTrainer is missing ({e}); it was removed in trl 1.13. Install the last "
+                         f"release that has it beside the pinned one:\n  pip install --no-deps --target "
+                         f"{TRL_PPO_DIR} trl=={TRL_PPO_VERSION}") from None
     return trl.__version__, ppo_trainer
 
 
@@ -143,7 +152,7 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
         # as ours counts them (its action mask)
         resp = qr[:, queries.shape[1]:]
         eos = resp == tok.eos_token_id
-        n = torch.where(eos.any(1), eos.int().argmax(1) + 1, torch.full_like(eos[:, 0], resp.shape[1], dtype=torch.long))
+        n = torch.where(eos.any(1), eos.int().argmax(1) + 1, resp.shape[1])
         work_done["tokens"] += int(n.sum())
         return qr, logits
 
@@ -173,16 +182,19 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     value = load(AutoModelForSequenceClassification, rm)  # the critic starts from the reward model
     reward = load(AutoModelForSequenceClassification, rm)
     ds = datasets.Dataset.from_dict({"input_ids": ids})
+    # gradient_accumulation_steps=1: each of TRL's mini-batches is then one micro-batch and one
+    # optimizer step, as ours (with accumulation, TRL would step once per accumulation window)
     cfg = mod.PPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts, gradient_accumulation_steps=1,
-        num_mini_batches=args.mini_batches, num_ppo_epochs=args.epochs, total_episodes=args.prompts * args.iterations,
-        local_rollout_forward_batch_size=args.prompts, response_length=args.new_tokens, stop_token="eos",
-        temperature=args.temperature, kl_coef=args.kl_coef, cliprange=0.2, cliprange_value=0.2, vf_coef=args.vf_coef,
-        gamma=1.0, lam=0.95, whiten_rewards=False, learning_rate=args.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5, max_grad_norm=1.0,
+        num_mini_batches=args.mini_batches, num_ppo_epochs=args.epochs,
+        total_episodes=args.prompts * args.iterations, local_rollout_forward_batch_size=args.prompts,
+        response_length=args.new_tokens, stop_token="eos", temperature=args.temperature,
+        kl_coef=args.kl_coef, cliprange=0.2, cliprange_value=0.2, vf_coef=args.vf_coef, gamma=1.0, lam=0.95,
+        whiten_rewards=False, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5, max_grad_norm=1.0,
         gradient_checkpointing=False, bf16=args.device != "cpu", fp16=False, use_cpu=args.device == "cpu",
-        num_sample_generations=0, save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
-        dataloader_num_workers=0, seed=args.seed)
+        num_sample_generations=0, save_strategy="no", report_to="none", logging_steps=10**6,
+        disable_tqdm=True, dataloader_num_workers=0, seed=args.seed)
     trainer = mod.PPOTrainer(args=cfg, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
                              value_model=value, train_dataset=ds, eval_dataset=ds, callbacks=[Timer()])
     # count the optimizer steps actually taken (the torch optimizer under accelerate's wrapper)
@@ -219,17 +231,19 @@ def ours_config(args):
     ppo = cfg.rlhf.ppo
     mini = args.prompts // args.mini_batches
     gpu = args.device != "cpu"
-    res = {"num_gpus": 1} if gpu else {}
-    train = ppo.train.model_copy(update={"global_batch_size": args.prompts, "micro_batch_size": mini,
-                                         "num_workers": 1, "use_gpu": gpu, "gpus_per_worker": 1 if gpu else 0,
-                                         "precision": "fp32" if not gpu else ppo.train.precision})
-    optim = ppo.optim.model_copy(update={"lr": args.lr, "schedule": "constant", "warmup_steps": 0,
-                                         "warmup_fraction": None, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-5, "grad_clip": 1.0})
+    # on one GPU the four roles (sampler, scorer, policy and critic learners) share it; bf16 as TRL
+    res = {"num_gpus": 0.25} if gpu else {}
+    train = ppo.train.model_copy(update={
+        "global_batch_size": args.prompts, "micro_batch_size": mini, "num_workers": 1, "use_gpu": gpu,
+        "gpus_per_worker": 0.25 if gpu else 0, "precision": "bf16" if gpu else "fp32"})
+    optim = ppo.optim.model_copy(update={
+        "lr": args.lr, "schedule": "constant", "warmup_steps": 0, "warmup_fraction": None,
+        "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-5, "grad_clip": 1.0})
     update = {"train": train, "optim": optim, "critic_train": None, "critic_optim": None,
               "mini_batch_size": mini, "ppo_epochs": args.epochs, "samples_per_prompt": 1,
               "clip": 0.2, "value_clip": 0.2, "kl_beta": args.kl_coef, "gamma": 1.0, "lam": 0.95,
-              "iterations": args.iterations, "max_new_tokens": args.new_tokens, "temperature": args.temperature,
-              "top_p": 1.0, "num_prompts": args.prompts,
+              "iterations": args.iterations, "max_new_tokens": args.new_tokens,
+              "temperature": args.temperature, "top_p": 1.0, "num_prompts": args.prompts,
               # one held-out prompt, evaluated before the first and after the last iteration only
               # (outside the timed iterations); no checkpoint, no early stop inside the run
               "eval_every": 10**6, "eval_prompts": 1, "eval_samples": 1, "early_stop_patience": 10**6,
@@ -268,7 +282,8 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work:
         learner.LearnerGroup.step_async = original
     wall = time.perf_counter() - start
     per_iter = []
-    for h, s in zip(res.history, np.diff([start, *ticks])):
+    # iteration 1 starts when the roles are up and the first held-out evaluation is done
+    for h, s in zip(res.history, np.diff([evals[0] if evals else start, *ticks])):
         per_iter.append({"rollout": h["time.rollout"], "score": h["time.score"],
                          "update": float(s) - h["time.rollout"] - h["time.score"], "total": float(s),
                          "learner_update": h["time.update"], "response_length": h["response_length"]})
@@ -278,7 +293,8 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work:
     return {"iterations": per_iter, "wall_s": wall, "first_end_s": ticks[0] - start,
             "launch_s": evals[0] - start if evals else float("nan"),  # roles up + one held-out rollout
             "prompts": len(res.history) * pcfg.train.global_batch_size,
-            "tokens": int(round(sum(h["response_length"] for h in res.history) * pcfg.train.global_batch_size)),
+            # response_length: the mean of the action mask's rows (response tokens, </s> included)
+            "tokens": round(sum(h["response_length"] for h in res.history) * pcfg.train.global_batch_size),
             "steps": counts[0] if counts else 0, "stop_reason": res.stop_reason}
 
 
@@ -307,9 +323,9 @@ def main() -> None:
     p.add_argument("--iteration", type=int, default=4, help="the RLHF iteration whose artifacts start PPO")
     p.add_argument("--prompts", type=int, default=16, help="prompts per PPO iteration (one rollout each)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=4, help="PPO iterations per run; the first is the warm-up")
+    p.add_argument("--iterations", type=int, default=4, help="PPO iterations per run; the first: warm-up")
     p.add_argument("--epochs", type=int, default=1, help="PPO epochs over each batch of rollouts")
-    p.add_argument("--mini-batches", type=int, default=2, help="mini-batches per epoch, one optimizer step each")
+    p.add_argument("--mini-batches", type=int, default=2, help="per epoch; one optimizer step each")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kl-coef", type=float, default=0.01)
     p.add_argument("--vf-coef", type=float, default=0.1)
@@ -370,23 +386,26 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float))
     print(json.dumps({k: report[k] for k in ("setup", "summary")}, indent=2, default=float))
-    print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.prompts} prompts x {args.new_tokens} "
-          f"new tokens, {args.epochs} epoch(s) x {args.mini_batches} mini-batches per iteration, {args.iterations} "
-          f"iterations x {args.repeats} repeat(s) per side, device {args.device}, {args.threads} thread(s) for TRL")
+    print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.prompts} prompts x "
+          f"{args.new_tokens} new tokens at most, {args.epochs} epoch(s) x {args.mini_batches} mini-batches "
+          f"per iteration, {args.iterations} iterations x {args.repeats} run(s) per side, {args.device}")
     for name, s in sums.items():
-        w = results[name][0]
-        print(f"{name:5} per iteration: {s['steady_s']:.2f} s over {s['steady_n']} steady iterations "
-              f"(min {s['steady_min_s']:.2f}, max {s['steady_max_s']:.2f}; rollout {s['phases_s']['rollout']:.2f}, "
-              f"score {s['phases_s']['score']:.2f}, update {s['phases_s']['update']:.2f}); first iteration with "
-              f"launch {s['first_with_launch_s']:.1f} s; work per run: {w['prompts']} prompts, {w['tokens']} "
-              f"generated tokens, {w['steps']} optimizer steps")
+        runs = results[name]
+        ph = s["phases_s"]
+        print(f"{name:5} per iteration: {s['steady_s']:.2f} s, mean of {s['steady_n']} steady iterations "
+              f"(min {s['steady_min_s']:.2f}, max {s['steady_max_s']:.2f}): rollout {ph['rollout']:.2f}, "
+              f"score {ph['score']:.2f}, update {ph['update']:.2f}; first iteration with launch "
+              f"{s['first_with_launch_s']:.1f} s")
+        print(f"{name:5} work per run: prompts {[r['prompts'] for r in runs]}, generated tokens "
+              f"{[r['tokens'] for r in runs]}, optimizer steps {[r['steps'] for r in runs]}")
     if len(sums) == 2:
-        o, t = results["ours"][0], results["trl"][0]
-        same = all(o[k] == t[k] for k in ("prompts", "steps"))
-        print(f"equal work: prompts {o['prompts']} vs {t['prompts']}, optimizer steps {o['steps']} vs {t['steps']} "
-              f"({'OK' if same else 'MISMATCH'}); generated tokens {o['tokens']} vs {t['tokens']} (ours stops at EOS)")
-        per_rep = [a / b for a, b in zip(sums["ours"]["per_run_steady_s"], sums["trl"]["per_run_steady_s"])]
-        print("ratio per repeat: " + ", ".join(f"{r:.3f}" for r in per_rep))
+        o, t = results["ours"], results["trl"]
+        same = all(a[k] == b[k] for a in o for b in t for k in ("prompts", "steps"))
+        tok_o, tok_t = np.mean([r["tokens"] for r in o]), np.mean([r["tokens"] for r in t])
+        print(f"equal work: prompts and optimizer steps {'OK' if same else 'MISMATCH'}; generated tokens "
+              f"ours/TRL {tok_o / tok_t:.2f} (both stop at </s>: sampled lengths differ by chance)")
+        per_run = [a / b for a, b in zip(sums["ours"]["per_run_steady_s"], sums["trl"]["per_run_steady_s"])]
+        print("ratio per run pair: " + ", ".join(f"{r:.3f}" for r in per_run))
         print(f"first_iteration_ratio_vs_trl: "
               f"{sums['ours']['first_with_launch_s'] / sums['trl']['first_with_launch_s']:.3f}")
         print(f"ratio_vs_trl: {sums['ours']['steady_s'] / sums['trl']['steady_s']:.3f}")

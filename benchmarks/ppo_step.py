@@ -39,8 +39,13 @@ comes from run_ppo's history (time.rollout / time.score / time.update); TRL's fr
 wrapped around its module functions (generation; no-grad forwards of the reference, value and
 reward models; the rest of the iteration).
 
-The last line is `ratio_vs_trl: X` (steady-state seconds per PPO iteration, ours / TRL; below 1:
-we are faster).
+Also measured: CPU seconds per steady iteration (user + system of this process and its
+descendants, Ray's daemons and actors included, for both sides), `cpu_ratio_vs_trl`. On a
+shared, overloaded machine the wall-clock ratio also reflects that ours has several runnable
+processes and TRL one (the scheduler shares cores per thread); the CPU ratio does not.
+
+The last line is `ratio_vs_trl: X` (steady-state wall seconds per PPO iteration, ours / TRL;
+below 1: we are faster).
 """
 
 from __future__ import annotations
@@ -162,11 +167,13 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     mod.forward = timed(originals["forward"], "score", when=lambda: not torch.is_grad_enabled())
     mod.get_reward = timed(originals["get_reward"], "score")
     ticks: list[float] = []
+    cpus: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):
             sync()
             ticks.append(time.perf_counter())
+            cpus.append(tree_cpu())
             per_iter.append(dict(phase))
             phase.update(rollout=0.0, score=0.0)
 
@@ -201,19 +208,36 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     inner.register_step_post_hook(lambda *a: work_done.__setitem__("steps", work_done["steps"] + 1))
     sync()
-    train_start = time.perf_counter()
+    train_start, cpu_start = time.perf_counter(), tree_cpu()
     try:
         trainer.train()
     finally:  # a later repeat wraps the originals again
         for k, fn in originals.items():
             setattr(mod, k, fn)
     wall = time.perf_counter() - start
-    iters = np.diff([train_start, *ticks])
-    for row, s in zip(per_iter, iters):
+    for row, s, c in zip(per_iter, np.diff([train_start, *ticks]), np.diff([cpu_start, *cpus])):
         row["update"] = float(s) - row["rollout"] - row["score"]
-        row["total"] = float(s)
+        row["total"], row["cpu"] = float(s), float(c)
     return {"version": version, "iterations": per_iter, "wall_s": wall, "setup_s": train_start - start,
             "first_end_s": ticks[0] - start} | work_done
+
+
+def tree_cpu() -> float:
+    """CPU seconds (user + system) used so far by this process and its live descendants: the
+    private Ray instance's daemons and workers (ensure_ray starts it as our child) are in it.
+    Under a loaded machine the wall time of a side also depends on how many runnable threads it
+    has (the scheduler shares the cores per thread); CPU seconds do not."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # exited meanwhile (Ray's idle workers come and go)
+            continue
+        total += t.user + t.system
+    return total
 
 
 def sync() -> None:
@@ -257,14 +281,14 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work:
     from steps.ppo import run_ppo
 
     cfg, pcfg, threshold = ours_config(args)
-    ticks: list[float] = []
-    evals: list[float] = []
+    ticks: list[tuple[float, float]] = []
+    evals: list[tuple[float, float]] = []
     steps: dict[int, int] = {}
 
     def log(metrics: dict, step: int) -> None:
         # an iteration's row, or a held-out evaluation's (heldout.*: before the first iteration
         # and after the last)
-        (ticks if "time.rollout" in metrics else evals).append(time.perf_counter())
+        (ticks if "time.rollout" in metrics else evals).append((time.perf_counter(), tree_cpu()))
 
     # count the optimizer steps each learner group takes (one step_async = one step)
     original = learner.LearnerGroup.step_async
@@ -283,15 +307,17 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work:
     wall = time.perf_counter() - start
     per_iter = []
     # iteration 1 starts when the roles are up and the first held-out evaluation is done
-    for h, s in zip(res.history, np.diff([evals[0] if evals else start, *ticks])):
+    marks = np.array([evals[0], *ticks])
+    for h, s, c in zip(res.history, np.diff(marks[:, 0]), np.diff(marks[:, 1])):
         per_iter.append({"rollout": h["time.rollout"], "score": h["time.score"],
                          "update": float(s) - h["time.rollout"] - h["time.score"], "total": float(s),
+                         "cpu": float(c),
                          "learner_update": h["time.update"], "response_length": h["response_length"]})
     counts = sorted(steps.values())
     if len(set(counts)) > 1:
         print(f"warning: the learners took different numbers of steps: {counts}", file=sys.stderr)
-    return {"iterations": per_iter, "wall_s": wall, "first_end_s": ticks[0] - start,
-            "launch_s": evals[0] - start if evals else float("nan"),  # roles up + one held-out rollout
+    return {"iterations": per_iter, "wall_s": wall, "first_end_s": ticks[0][0] - start,
+            "launch_s": evals[0][0] - start,  # the roles up and one held-out rollout
             "prompts": len(res.history) * pcfg.train.global_batch_size,
             # response_length: the mean of the action mask's rows (response tokens, </s> included)
             "tokens": round(sum(h["response_length"] for h in res.history) * pcfg.train.global_batch_size),
@@ -308,7 +334,8 @@ def summary(runs: list[dict]) -> dict:
         rows = [run["iterations"][0] for run in runs]
         steady = [r["total"] for r in rows]
     first = [run["first_end_s"] for run in runs]
-    return {"steady_s": float(np.mean(steady)), "steady_min_s": float(np.min(steady)),
+    return {"steady_s": float(np.mean(steady)), "steady_cpu_s": float(np.mean([r["cpu"] for r in rows])),
+            "steady_min_s": float(np.min(steady)),
             "steady_max_s": float(np.max(steady)), "steady_n": len(steady),
             "per_run_steady_s": [float(np.mean([r["total"] for r in run["iterations"][1:]] or
                                                [run["iterations"][0]["total"]])) for run in runs],
@@ -395,7 +422,8 @@ def main() -> None:
         print(f"{name:5} per iteration: {s['steady_s']:.2f} s, mean of {s['steady_n']} steady iterations "
               f"(min {s['steady_min_s']:.2f}, max {s['steady_max_s']:.2f}): rollout {ph['rollout']:.2f}, "
               f"score {ph['score']:.2f}, update {ph['update']:.2f}; first iteration with launch "
-              f"{s['first_with_launch_s']:.1f} s")
+              f"{s['first_with_launch_s']:.1f} s {[round(r['first_end_s'], 1) for r in runs]}; CPU seconds "
+              f"per steady iteration {s['steady_cpu_s']:.2f}")
         print(f"{name:5} work per run: prompts {[r['prompts'] for r in runs]}, generated tokens "
               f"{[r['tokens'] for r in runs]}, optimizer steps {[r['steps'] for r in runs]}")
     if len(sums) == 2:
@@ -406,6 +434,7 @@ def main() -> None:
               f"ours/TRL {tok_o / tok_t:.2f} (both stop at </s>: sampled lengths differ by chance)")
         per_run = [a / b for a, b in zip(sums["ours"]["per_run_steady_s"], sums["trl"]["per_run_steady_s"])]
         print("ratio per run pair: " + ", ".join(f"{r:.3f}" for r in per_run))
+        print(f"cpu_ratio_vs_trl: {sums['ours']['steady_cpu_s'] / sums['trl']['steady_cpu_s']:.3f}")
         print(f"first_iteration_ratio_vs_trl: "
               f"{sums['ours']['first_with_launch_s'] / sums['trl']['first_with_launch_s']:.3f}")
         print(f"ratio_vs_trl: {sums['ours']['steady_s'] / sums['trl']['steady_s']:.3f}")

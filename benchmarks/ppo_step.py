@@ -167,7 +167,7 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     mod.forward = timed(originals["forward"], "score", when=lambda: not torch.is_grad_enabled())
     mod.get_reward = timed(originals["get_reward"], "score")
     ticks: list[float] = []
-    cpus: list[float] = []
+    cpus: list[dict] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):
@@ -215,29 +215,36 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
         for k, fn in originals.items():
             setattr(mod, k, fn)
     wall = time.perf_counter() - start
-    for row, s, c in zip(per_iter, np.diff([train_start, *ticks]), np.diff([cpu_start, *cpus])):
+    cpus = [cpu_start, *cpus]
+    for i, (row, s) in enumerate(zip(per_iter, np.diff([train_start, *ticks]))):
         row["update"] = float(s) - row["rollout"] - row["score"]
-        row["total"], row["cpu"] = float(s), float(c)
+        row["total"], row["cpu"] = float(s), cpu_between(cpus[i], cpus[i + 1])
     return {"version": version, "iterations": per_iter, "wall_s": wall, "setup_s": train_start - start,
             "first_end_s": ticks[0] - start} | work_done
 
 
-def tree_cpu() -> float:
-    """CPU seconds (user + system) used so far by this process and its live descendants: the
-    private Ray instance's daemons and workers (ensure_ray starts it as our child) are in it.
-    Under a loaded machine the wall time of a side also depends on how many runnable threads it
-    has (the scheduler shares the cores per thread); CPU seconds do not."""
+def tree_cpu() -> dict[tuple[int, float], float]:
+    """CPU seconds (user + system) used so far by this process and each live descendant, keyed
+    by (pid, start time): the private Ray instance's daemons and workers (ensure_ray starts it
+    as our child) are in it. On a loaded machine the wall time of a side also depends on how
+    many runnable threads it has (the scheduler shares the cores per thread); CPU seconds do not."""
     import psutil
 
     me = psutil.Process()
-    total = 0.0
+    out = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
             t = proc.cpu_times()
+            out[(proc.pid, proc.create_time())] = t.user + t.system
         except psutil.Error:  # exited meanwhile (Ray's idle workers come and go)
             continue
-        total += t.user + t.system
-    return total
+    return out
+
+
+def cpu_between(before: dict, after: dict) -> float:
+    """CPU seconds spent between two tree_cpu() snapshots by the processes alive at the second
+    (a process that exited in between loses its last interval: an undercount, not a negative)."""
+    return float(sum(v - before.get(k, 0.0) for k, v in after.items()))
 
 
 def sync() -> None:
@@ -281,8 +288,8 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work:
     from steps.ppo import run_ppo
 
     cfg, pcfg, threshold = ours_config(args)
-    ticks: list[tuple[float, float]] = []
-    evals: list[tuple[float, float]] = []
+    ticks: list[tuple[float, dict]] = []
+    evals: list[tuple[float, dict]] = []
     steps: dict[int, int] = {}
 
     def log(metrics: dict, step: int) -> None:
@@ -307,11 +314,12 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work:
     wall = time.perf_counter() - start
     per_iter = []
     # iteration 1 starts when the roles are up and the first held-out evaluation is done
-    marks = np.array([evals[0], *ticks])
-    for h, s, c in zip(res.history, np.diff(marks[:, 0]), np.diff(marks[:, 1])):
+    marks = [evals[0], *ticks]
+    for i, h in enumerate(res.history):
+        s = marks[i + 1][0] - marks[i][0]
         per_iter.append({"rollout": h["time.rollout"], "score": h["time.score"],
-                         "update": float(s) - h["time.rollout"] - h["time.score"], "total": float(s),
-                         "cpu": float(c),
+                         "update": s - h["time.rollout"] - h["time.score"], "total": s,
+                         "cpu": cpu_between(marks[i][1], marks[i + 1][1]),
                          "learner_update": h["time.update"], "response_length": h["response_length"]})
     counts = sorted(steps.values())
     if len(set(counts)) > 1:

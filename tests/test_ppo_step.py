@@ -17,6 +17,7 @@ WORDS = "what is the capital of answer country river two plus three seven hello 
 
 def test_rollouts_mark_the_response_tokens_as_actions():
     ro = build_rollouts([[1, 5, 6], [1, 7]], [([8, 9, 2], [0.0] * 2, True), ([4], [0.0], False)], 1, pad_id=3)
+    assert ro["prompt_lengths"].tolist() == [3, 2]
     assert ro["tokens"].tolist() == [[1, 5, 6, 8, 9, 2], [1, 7, 4, 3, 3, 3]]
     # position t predicts token t+1: row 0's actions are tokens 3..5 (predicted at 2..4)
     assert ro["action_mask"].tolist() == [[False, False, True, True, True], [False, True, False, False, False]]

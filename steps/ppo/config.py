@@ -19,6 +19,10 @@ class PPOConfig(Section):
     critic_optim: OptimConfig | None = None
     mini_batch_size: int = Field(64, ge=1)  # rollouts per gradient step (one step per mini-batch)
     ppo_epochs: int = Field(1, ge=1)  # passes over each iteration's rollouts
+    # the first iterations update only the critic (OpenRLHF's freezing_actor_steps): it starts
+    # on the reward model's logit scale, not on the whitened reward's, and its first advantages
+    # would be mostly its own error
+    freeze_policy_iterations: int = Field(0, ge=0)
     samples_per_prompt: int = Field(1, ge=1)
     clip: float = Field(0.2, gt=0)
     value_clip: float = Field(0.2, gt=0)

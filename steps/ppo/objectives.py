@@ -57,7 +57,7 @@ def collate(rows: dict) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in rows.items():
         a = np.stack(v) if v.dtype == object else np.asarray(v)
-        out[k] = torch.from_numpy(np.ascontiguousarray(a))
+        out[k] = torch.tensor(a)  # a copy: arrays from Ray's object store are read-only
     return out
 
 

@@ -62,6 +62,7 @@ def build_rollouts(prompts: list[list[int]], samples: list[tuple[list[int], list
         p = len(prompts[i // K])
         mask[i, p - 1:len(s) - 1] = True  # position t predicts token t+1: the response's tokens
     return {"tokens": tokens, "lengths": np.array([len(s) for s in seqs]), "action_mask": mask,
+            "prompt_lengths": np.array([len(prompts[i // K]) for i in range(len(seqs))]),
             "finished": np.array([f for _, _, f in samples])}
 
 
@@ -82,7 +83,7 @@ class Driver:
         samples = ray.get(self.roles.sampler.generate.remote(prompt_ids, params))
         ro = build_rollouts(prompt_ids, samples, K, self.tok.pad_id)
         t1 = time.time()
-        scored = self.roles.scorer.score.remote(ro["tokens"], ro["lengths"])
+        scored = self.roles.scorer.score.remote(ro["tokens"], ro["lengths"], ro["prompt_lengths"])
         logp = self.roles.policy.infer_async(token_logp, {"tokens": ro["tokens"]})
         values = self.roles.critic.infer_async(token_values, {"tokens": ro["tokens"]})
         sc = ray.get(scored)
@@ -96,9 +97,9 @@ class Driver:
 
     def advantages(self, ro: dict) -> dict[str, float]:
         c = self.cfg
-        mask = torch.from_numpy(ro["action_mask"])
-        logp, ref = torch.from_numpy(ro["old_logp"]), torch.from_numpy(ro["ref_logp"])
-        values = torch.from_numpy(ro["old_values"]) * mask
+        mask = torch.tensor(ro["action_mask"])  # copies: arrays from Ray's object store are read-only
+        logp, ref = torch.tensor(ro["old_logp"]), torch.tensor(ro["ref_logp"])
+        values = torch.tensor(ro["old_values"]) * mask
         logits = logit(ro["rc"])
         score = torch.from_numpy(whiten(logits)).float()  # R~c = WHITEN(LOGIT(Rc))
         rewards = token_rewards(score, logp, ref, mask, c.kl_beta)
@@ -129,11 +130,15 @@ class Driver:
                 idx = order[s:s + c.mini_batch_size]
                 prow = {k: ro[k][idx] for k in ("tokens", "action_mask", "old_logp", "adv")}
                 crow = {k: ro[k][idx] for k in ("tokens", "action_mask", "old_values", "returns")}
-                p_refs, c_refs = self.roles.policy.step_async(prow), self.roles.critic.step_async(crow)
-                pm, cm = ray.get(p_refs)[0], ray.get(c_refs)[0]
-                for k, v in {"policy_loss": pm["loss"], "clip_fraction": pm["clipped"], "approx_kl": pm["approx_kl"],
-                             "entropy": pm["entropy"], "grad_norm": pm["grad_norm"], "value_loss": cm["loss"],
-                             "critic_grad_norm": cm["grad_norm"]}.items():
+                c_refs = self.roles.critic.step_async(crow)
+                row = {}
+                if iteration >= c.freeze_policy_iterations:
+                    pm = ray.get(self.roles.policy.step_async(prow))[0]
+                    row = {"policy_loss": pm["loss"], "clip_fraction": pm["clipped"], "approx_kl": pm["approx_kl"],
+                           "entropy": pm["entropy"], "grad_norm": pm["grad_norm"]}
+                cm = ray.get(c_refs)[0]
+                row.update(value_loss=cm["loss"], critic_grad_norm=cm["grad_norm"])
+                for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
         return {k: v / steps for k, v in sums.items()}
@@ -235,7 +240,8 @@ def run_ppo(policy_dir, rm_helpfulness_dir, rm_safety_dir, prompts: list[tuple[s
                      if t != tok.eos_id]), "reward": float(ro["rc"][j])} for j in range(min(8, len(ro["rc"])))]
             t2 = time.time()
             row.update(driver.update(ro, it))
-            driver.sync_sampler()
+            if it >= cfg.freeze_policy_iterations:
+                driver.sync_sampler()
             row.update({"time.rollout": ro["time.rollout"], "time.score": ro["time.score"],
                         "time.update": time.time() - t2})
             history.append(row)

@@ -128,10 +128,12 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
         AutoTokenizer,
         TrainerCallback,
     )
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
 
     version, mod = import_trl_ppo()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    phase = {"rollout": 0.0, "score": 0.0}
+    phase = {"rollout": 0.0, "score": 0.0, "gc": 0.0}
     work_done = {"prompts": 0, "tokens": 0, "steps": 0}
     per_iter: list[dict] = []
 
@@ -166,6 +168,21 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     mod.batch_generation = timed(generation, "rollout")
     mod.forward = timed(originals["forward"], "score", when=lambda: not torch.is_grad_enabled())
     mod.get_reward = timed(originals["get_reward"], "score")
+
+    class TimedGC:
+        """TRL runs two full garbage collections per iteration (inside its update phase here);
+        on a busy machine they are a large share of its iteration, so they are timed apart."""
+
+        @staticmethod
+        def collect(*a):
+            import gc
+
+            start = time.perf_counter()
+            n = gc.collect(*a)
+            phase["gc"] += time.perf_counter() - start
+            return n
+
+    mod.gc = TimedGC
     ticks: list[float] = []
     cpus: list[dict] = []
 
@@ -175,8 +192,9 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
             ticks.append(time.perf_counter())
             cpus.append(tree_cpu())
             per_iter.append(dict(phase))
-            phase.update(rollout=0.0, score=0.0)
+            phase.update(rollout=0.0, score=0.0, gc=0.0)
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(str(policy / "hf"))
     tok.padding_side = "left"  # generation continues every prompt from its last column
@@ -204,6 +222,7 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
         disable_tqdm=True, dataloader_num_workers=0, seed=args.seed)
     trainer = mod.PPOTrainer(args=cfg, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
                              value_model=value, train_dataset=ds, eval_dataset=ds, callbacks=[Timer()])
+    trainer.remove_callback(PrinterCallback)  # its per-iteration metrics dict would bury the result lines
     # count the optimizer steps actually taken (the torch optimizer under accelerate's wrapper)
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     inner.register_step_post_hook(lambda *a: work_done.__setitem__("steps", work_done["steps"] + 1))
@@ -214,6 +233,9 @@ def run_trl(args, policy: Path, rm: Path, ids: list[list[int]], work: Path) -> d
     finally:  # a later repeat wraps the originals again
         for k, fn in originals.items():
             setattr(mod, k, fn)
+        import gc
+
+        mod.gc = gc
     wall = time.perf_counter() - start
     cpus = [cpu_start, *cpus]
     for i, (row, s) in enumerate(zip(per_iter, np.diff([train_start, *ticks]))):
@@ -432,6 +454,9 @@ def main() -> None:
               f"score {ph['score']:.2f}, update {ph['update']:.2f}; first iteration with launch "
               f"{s['first_with_launch_s']:.1f} s {[round(r['first_end_s'], 1) for r in runs]}; CPU seconds "
               f"per steady iteration {s['steady_cpu_s']:.2f}")
+        if "gc" in runs[0]["iterations"][0]:
+            print(f"{name:5} of which gc.collect() in the update: "
+                  f"{np.mean([r['gc'] for run in runs for r in run['iterations'][1:]] or [0.0]):.2f} s")
         print(f"{name:5} work per run: prompts {[r['prompts'] for r in runs]}, generated tokens "
               f"{[r['tokens'] for r in runs]}, optimizer steps {[r['steps'] for r in runs]}")
     if len(sums) == 2:

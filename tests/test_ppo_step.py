@@ -88,9 +88,10 @@ def test_ppo_runs_and_a_killed_run_resumes_to_the_same_weights(tmp_path, ray_loc
     for h in whole.history:
         assert {"time.rollout", "time.score", "time.update", "clip_fraction", "approx_kl", "entropy", "value_loss",
                 "explained_variance", "reward.raw.mean", "reward.whitened.std", "kl", "response_length"} <= set(h)
-    # the first rollout comes from the reference itself: KL exactly 0; the updates then move the policy
+    # the first rollout comes from the reference itself: KL exactly 0; the updates then move the
+    # policy (the sampled estimate of the KL on 16 rollouts can be of either sign)
     assert whole.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)
-    assert whole.history[-1]["kl"] > 1e-3 and whole.history[-1]["approx_kl"] > 0
+    assert abs(whole.history[-1]["kl"]) > 1e-3 and whole.history[-1]["approx_kl"] > 0
     start = load_state_dict(dirs["policy"] / "model.safetensors")
     final = load_state_dict(whole.weights)
     assert any(not torch.equal(start[k], final[k]) for k in start)

@@ -6,7 +6,8 @@ iteration, ours from their safetensors, TRL's from their HF exports), same promp
 prompts of `prefs_v{i}`, via steps.rejection.prompts_of, encoded once with model/chat.py so
 both sides see the same token ids), same number of prompts per PPO iteration, number of new
 tokens, temperature, PPO epochs and mini-batches (one optimizer step per mini-batch), clip
-ranges, GAE gamma/lambda, KL coefficient, AdamW settings and precision (fp32 on CPU).
+ranges, GAE gamma/lambda, KL coefficient, AdamW settings and precision (fp32 on CPU; bf16 with
+--device cuda, where the four roles of ours share the one GPU: written, not measured on a GPU).
 
 What differs, by design of each side (so TRL is the easier side):
   - reward: ours scores every response with BOTH reward models and gates them
@@ -31,13 +32,17 @@ benchmark imports it from a side directory (gitignored), so the other benchmarks
     pip install -r requirements-bench.txt
     pip install --no-deps --target .cache/trl-ppo trl==1.12.0
     python benchmarks/ppo_step.py --run-dir <a pipeline --output-dir that has reached V4>
+    python benchmarks/ppo_step.py --run-dir ... --repeats 2   # ~6 minutes on a shared 2-core CPU
 
 Timing: per PPO iteration (rollout + scoring + update), steady state = mean over the iterations
-after the first; the first iteration is also reported including launch (model loading, trainer
-or Ray actor start), as the whole call's wall time minus the steady iterations. Our breakdown
-comes from run_ppo's history (time.rollout / time.score / time.update); TRL's from timers
-wrapped around its module functions (generation; no-grad forwards of the reference, value and
-reward models; the rest of the iteration).
+after the first of each run, pooled over `--repeats` runs per side (alternating which side goes
+first); the first iteration is also reported including launch: from the side's call (TRL:
+imports, model loading, trainer construction; ours: Ray actors, DeepSpeed engines, one held-out
+rollout that run_ppo's early stopping needs) to the end of its first iteration. Our breakdown
+comes from run_ppo's history (time.rollout, time.score; update = the rest of the iteration:
+learner steps, weights to the sampler, advantages); TRL's from timers wrapped around its module
+functions (generation; no-grad forwards of the reference, value and reward models; update = the
+rest, with its two gc.collect() calls per iteration shown apart).
 
 Also measured: CPU seconds per steady iteration (user + system of this process and its
 descendants, Ray's daemons and actors included, for both sides), `cpu_ratio_vs_trl`. On a
@@ -294,6 +299,8 @@ def ours_config(args):
         "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-5, "grad_clip": 1.0})
     update = {"train": train, "optim": optim, "critic_train": None, "critic_optim": None,
               "mini_batch_size": mini, "ppo_epochs": args.epochs, "samples_per_prompt": 1,
+              # TRL has no critic-only warm-up: every iteration updates both (equal optimizer steps)
+              "freeze_policy_iterations": 0,
               "clip": 0.2, "value_clip": 0.2, "kl_beta": args.kl_coef, "gamma": 1.0, "lam": 0.95,
               "iterations": args.iterations, "max_new_tokens": args.new_tokens,
               "temperature": args.temperature, "top_p": 1.0, "num_prompts": args.prompts,
@@ -343,7 +350,7 @@ def run_ours(args, policy: Path, rm_h: Path, rm_s: Path, prompts, heldout, work:
                          "update": s - h["time.rollout"] - h["time.score"], "total": s,
                          "cpu": cpu_between(marks[i][1], marks[i + 1][1]),
                          "learner_update": h["time.update"], "response_length": h["response_length"]})
-    counts = sorted(steps.values())
+    counts = sorted(steps.values())  # the policy's and the critic's; the fewer is reported
     if len(set(counts)) > 1:
         print(f"warning: the learners took different numbers of steps: {counts}", file=sys.stderr)
     return {"iterations": per_iter, "wall_s": wall, "first_end_s": ticks[0][0] - start,

@@ -29,6 +29,7 @@ from steps.data.config import DataConfig
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.evaluate import EvalConfig
 from steps.gatt import GAttConfig
+from steps.ppo.config import PPOConfig
 from steps.preferences import PreferenceConfig
 from steps.pretrain import PretrainConfig
 from steps.rejection import RejectionConfig
@@ -38,7 +39,7 @@ from steps.tokenizer import TokenizerConfig
 
 # Re-exported: every section class, wherever it lives, can be named from here.
 __all__ = ["Config", "ConfigError", "DataConfig", "GAttConfig", "ModelConfig", "OptimConfig", "PreferenceConfig",
-           "PretrainConfig", "RejectionConfig", "RewardConfig", "SFTConfig", "StepResources", "TokenizerConfig", "TrainConfig",
+           "PPOConfig", "PretrainConfig", "RejectionConfig", "RewardConfig", "SFTConfig", "StepResources", "TokenizerConfig", "TrainConfig",
            "load_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -64,19 +65,6 @@ class RunConfig(Section):
 
 
 # ----------------------------------------------------------------------------- RLHF (RECIPE 8)
-class PPOConfig(Section):
-    train: TrainConfig = TrainConfig(global_batch_size=512, micro_batch_size=8, num_workers=64,
-                                     use_gpu=True, gpus_per_worker=1, cpus_per_worker=8)
-    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_steps=0)
-    mini_batch_size: int = 64
-    clip: float = 0.2
-    kl_beta: float = 0.01  # 0.005 for 34B/70B
-    iterations: int = 200
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    early_stop_patience: int = 20
-
-
 class RLHFConfig(Section):
     iterations: int = Field(5, ge=1)  # V1..V5
     ppo_from: int = 4  # PPO on top of rejection sampling from V4

@@ -21,7 +21,19 @@ if __package__ in (None, ""):  # `python pipelines/full.py`: make the repo impor
 from pipelines.config import Config, ConfigError, load_cli_config
 from pipelines.runner import StepSpec
 from pipelines.session import run_pipeline
-from steps import annotate, data, evaluate, gatt, preferences, pretrain, rejection, reward, sft, tokenizer
+from steps import (
+    annotate,
+    data,
+    evaluate,
+    gatt,
+    ppo,
+    preferences,
+    pretrain,
+    rejection,
+    reward,
+    sft,
+    tokenizer,
+)
 
 
 def pipeline(cfg: Config) -> list[StepSpec]:
@@ -55,11 +67,14 @@ def gatt_step(model: str, rms: dict[str, str] | None = None) -> StepSpec:
 def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str | None = None) -> list[StepSpec]:
     """Iterations first..last of RLHF (RECIPE.md section 8), unrolled so that every node is
     cached, resumable and visible: annotate_v{i} (tiny preset: the simulated vendor) ->
-    prefs_v{i} -> rm_helpfulness_v{i} || rm_safety_v{i} -> rs_v{i} -> eval_v{i}, and Ghost
+    prefs_v{i} -> rm_helpfulness_v{i} || rm_safety_v{i} -> rs_v{i} [-> ppo_v{i} from
+    `rlhf.ppo_from`] -> eval_v{i}; the next iteration builds on ppo_v{i} where it exists. Ghost
     Attention on the model of iteration `rlhf.gatt.after_iteration`. `chat` is the step whose
     model iteration `first` starts from, `before` the version before it (for the annotators)."""
     out: list[StepSpec] = []
     rlhf = ("rlhf.rejection", "rlhf.safety_threshold", "run.seed", "run.name")
+    previous_chat = f"ppo_v{first - 1}" if first - 1 >= cfg.rlhf.ppo_from else (f"rs_v{first - 1}" if first > 1
+                                                                               else "sft")
     for i in range(first, last + 1):
         v, tag = f"_v{i}", {"rlhf_version": f"v{i}"}
         prefs_inputs = {"previous": f"prefs_v{i - 1}"} if i > 1 else {}
@@ -79,12 +94,20 @@ def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str |
                             inputs={"model": chat, "prefs": f"prefs{v}", **rms,
                                     **({"previous": f"rs_v{i - 1}"} if i > 1 else {})},
                             params={"iteration": i}, tags={**tag, "technique": "rejection_sampling"}, light=True))
+        newest = f"rs{v}"
+        if i >= cfg.rlhf.ppo_from:  # PPO on top of the rejection-sampling checkpoint (V4 on in the paper)
+            out.append(StepSpec(f"ppo{v}", ppo, "rlhf", ("rlhf.ppo", "rlhf.safety_threshold", "sft.demo_world",
+                                                         "run.seed", "run.name"),
+                                inputs={"model": f"rs{v}", "prefs": f"prefs{v}", **rms}, params={"iteration": i},
+                                tags={**tag, "technique": "ppo"}, light=True))
+            newest = f"ppo{v}"
         out.append(StepSpec(f"eval{v}", evaluate, "eval", ("eval", "rlhf.safety_threshold", "sft.demo_world",
                                                             "run.seed", "run.name"),
-                            inputs={"model": f"rs{v}", "sft": "sft", "previous": f"rs_v{i - 1}" if i > 1 else "sft",
+                            inputs={"model": newest, "sft": "sft", "previous": previous_chat,
                                     "prefs": f"prefs{v}", **rms, **({"prior": f"eval_v{i - 1}"} if i > 1 else {})},
                             params={"iteration": i}, tags=tag, light=True))
-        before, chat = chat, f"rs{v}"
+        before, chat = chat, newest
+        previous_chat = newest  # V(i)'s model for eval_v{i+1}; Ghost Attention's is not a version
         if cfg.rlhf.gatt.enabled and i == cfg.rlhf.gatt.after_iteration:
             # Ghost Attention on this iteration's model (V3 in the paper); later ones build on it
             out.append(gatt_step(chat, rms))
@@ -105,6 +128,7 @@ KEY_METRICS = {
     "rm_helpfulness": ["accuracy", "accuracy.significantly_better", "launch_seconds"],
     "rm_safety": ["accuracy", "accuracy.significantly_better", "world.unsafe.refusal_preferred"],
     "rs": ["reward.max", "reward.median", "pool.size", "train_loss"],
+    "ppo": ["heldout.reward.gain", "kl", "judge.ppo.helpfulness", "iterations"],
     "eval": ["win_rate.vs_sft.judge", "win_rate.vs_prev.judge", "refusal.unsafe", "refusal.harmless"],
 }
 

@@ -362,7 +362,9 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
 
     fine = [Dialogue(d.turns + [Turn("assistant", w["answer"])], d.system) for d, w in zip(dialogues, winners)]
     result, stats = finetune(ctx, f"rs_v{iteration}", model, fine, [], rcfg.train, rcfg.optim, rcfg.seq_len)
-    version = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", f"rlhf-v{iteration}")
+    # from rlhf.ppo_from on, ppo_v{i} (trained from this model) is iteration i's chat model, `rlhf-v{i}`
+    alias = f"rs-v{iteration}" if iteration >= ctx.cfg.rlhf.ppo_from else f"rlhf-v{iteration}"
+    version = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", alias)
     (ctx.out_dir / "winners.json").write_text(json.dumps(winners))
     metrics |= {"prompts": len(prompts), "temperature": temperature, "pool.size": len(new_pool),
                "reward.max": curve["max"][-1], "reward.median": curve["median"][-1],

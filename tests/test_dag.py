@@ -39,6 +39,10 @@ def test_full_pipeline_unrolls_the_rlhf_iterations_with_gatt_after_v3():
     assert on["gatt"].inputs == {"model": "rs_v3", "rm_helpfulness": "rm_helpfulness_v3", "rm_safety": "rm_safety_v3"}
     assert on["rs_v4"].inputs["model"] == "gatt" and on["annotate_v4"].inputs["model"] == "gatt"
     assert on["eval_v4"].inputs["previous"] == "rs_v3"
+    # PPO from V4 (rlhf.ppo_from) on the rejection-sampling model; the next iteration builds on it
+    assert "ppo_v3" not in on and on["ppo_v4"].inputs["model"] == "rs_v4" and on["eval_v4"].inputs["model"] == "ppo_v4"
+    assert on["rs_v5"].inputs["model"] == on["annotate_v5"].inputs["model"] == "ppo_v4"
+    assert on["eval_v5"].inputs["previous"] == "ppo_v4" and on["ppo_v5"].tags["technique"] == "ppo"
     off = {s.name: s for s in pipeline(load_config("tiny", ["rlhf.gatt.enabled=false"]))}
     assert "gatt" not in off and off["rs_v4"].inputs["model"] == "rs_v3"
     first = [s.name for s in pipeline(load_config("tiny", ["rlhf.gatt.after_iteration=0", "rlhf.iterations=1"]))]

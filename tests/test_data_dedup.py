@@ -165,3 +165,11 @@ def test_distributed_dedup_matches_in_process(ray_local):
         got = pa.concat_tables(ray_local.get(refs)).to_pylist()
         assert {(r["removed_id"], r["kept_id"], r["kind"], round(r["similarity"], 9)) for r in got} == expected
         assert stats["verified_pairs"] >= 4
+
+
+def test_mersenne_reduction_equals_the_modulo():
+    rng = np.random.default_rng(0)
+    p = dd.MERSENNE
+    x = np.concatenate([rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64),
+                        np.array([0, 1, p - 1, p, p + 1, 2 * p, 2**61, 2**61 + 6, 2**63, 2**64 - 1], dtype=np.uint64)])
+    assert np.array_equal(dd._mod_mersenne(x), x % p)

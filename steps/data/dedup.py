@@ -98,9 +98,17 @@ def signature(shingles: np.ndarray, perms: Permutations, chunk: int = 8192) -> n
     sig = np.full(len(perms.a), MAX_HASH, dtype=np.uint64)
     hashes = shingles.astype(np.uint64)
     for start in range(0, len(hashes), chunk):  # bounded memory for book-sized documents
-        h = hashes[start: start + chunk, None]
-        np.minimum(sig, (((h * perms.a) + perms.b) % MERSENNE & MAX_HASH).min(axis=0), out=sig)
+        x = hashes[start: start + chunk, None] * perms.a + perms.b  # < 2^64: h, a, b < 2^32
+        np.minimum(sig, (_mod_mersenne(x) & MAX_HASH).min(axis=0), out=sig)
     return sig.astype(np.uint32)
+
+
+def _mod_mersenne(x: np.ndarray) -> np.ndarray:
+    """x mod (2^61 - 1) for uint64 x, by shifts and adds (2^61 = 1 mod p): the same values as
+    x % MERSENNE at a fraction of the cost of numpy's 64-bit division."""
+    r = (x & MERSENNE) + (x >> np.uint64(61))  # < 2^61 + 8
+    r -= MERSENNE * (r >= MERSENNE)
+    return r
 
 
 def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:

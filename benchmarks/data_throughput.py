@@ -1,38 +1,50 @@
-"""The data stage end to end vs datatrove end to end: same input files, same rules, same
-tokenization, same MinHash parameters, documents out to Parquet on both sides.
+"""The data stage end to end vs datatrove end to end, doing the same work with the same result:
+same input files, same quality rules, same shingles and MinHash parameters, same dedup rule,
+documents out to Parquet on both sides.
 
     ours       `python pipelines/full.py --config <yaml> --until data`, as a user runs the stage
-               (Ray start-up, readers, C4 + Gopher rules, MinHash with exact-Jaccard
-               verification and distributed components, Parquet out, reports)
+               (Ray start-up, readers, C4 + Gopher rules, MinHash LSH, distributed components,
+               Parquet out, reports, MLflow)
     datatrove  LocalPipelineExecutor, 4 stages: JsonlReader -> C4QualityFilter ->
                GopherRepetitionFilter -> GopherQualityFilter -> JsonlWriter + MinhashDedupSignature;
                MinhashDedupBuckets; MinhashDedupCluster; JsonlReader -> MinhashDedupFilter ->
                ParquetWriter. tasks = workers = cores.
 
-Made equal: both split words on whitespace (datatrove's spaCy word and sentence splitters are
-replaced by whitespace words and our sentence-end count), normalise shingle text the same way
-(lower case, punctuation removed; no digit or diacritic folding), use 5-gram shingles and 20
-bands x 5 rows. Not equal, by design of each tool: ours decides a candidate pair by its exact
-Jaccard (>= 0.8), datatrove merges every bucket collision; ours applies C4's lorem-ipsum and
-curly-bracket rules to the whole page as the paper says, datatrove only to lines that survived
-the line filter. Language ID, PII and exact/line dedup are off on our side (datatrove's chain
-has none of them).
+Made equal:
+- words: both split on whitespace (datatrove's spaCy word and sentence splitters are replaced
+  by whitespace words and our sentence-end count);
+- C4's lorem-ipsum and curly-bracket rules drop the page when the page contains them, as the
+  paper says (datatrove checks only lines that survived its line filter: a subclass checks the
+  page first);
+- MinHash: datatrove's signature step computes its shingles with our function (normalised words,
+  5-grams, 32-bit hashes) and its permutations are ours (20 bands x 5 rows, 32-bit), so both
+  sides compute bit-identical signatures and the same bucket collisions;
+- dedup rule: datatrove merges every bucket collision; ours runs with `dedup.verify=false`, the
+  same rule (`--verify` runs ours with its exact-Jaccard check instead, a different result);
+- exact, line dedup, language ID and PII are off on our side (datatrove's chain has none).
+Survivors differ by design (ours keeps the first document of a cluster in input order, datatrove
+its union-find root), so besides the raw overlap of kept ids the benchmark maps each document
+datatrove keeps to our survivor of its cluster: with equal rules and clusters the two sets are equal.
 
 Corpus: the demo texts in ~/.cache/llama2-recipe/demo (web pages, Wikipedia, books cut into
 ~400-word documents) plus copies with a few words edited, to --docs documents, written as
-JSONL shards. Prints docs/s per core for each side, documents kept and their overlap, then
-`ratio_vs_datatrove: X` (our docs/s per core over datatrove's) as the last line.
+JSONL shards. Both sides run --repeat times, interleaved (order alternating), on the same input.
+Prints docs/s per core for each run, documents kept and their overlap, then
+`ratio_vs_datatrove: X` (median over repeats of our docs/s per core over datatrove's) last.
 
     pip install -r requirements-bench.txt
-    python benchmarks/data_throughput.py [--docs 24000]
+    python benchmarks/data_throughput.py [--docs 24000] [--repeat 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,33 +97,46 @@ def make_corpus(directory: Path, n_docs: int, shards: int) -> int:
     return len(docs)
 
 
-def run_ours(corpus: Path, out: Path) -> tuple[float, set[str]]:
+def json_id(our_id: str, shards: int) -> str:
+    """Our document id ("web/corpus-SS.jsonl#LINE") -> the corpus record's id ("doc<i>")."""
+    name, line = our_id.split("/", 1)[1].split("#")
+    return f"doc{(int(line) - 1) * shards + int(name[7:9])}"
+
+
+def run_ours(corpus: Path, out: Path, shards: int, verify: bool) -> dict:
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     cfg["data"] = {
         "sources": [{"name": "web", "kind": "jsonl", "paths": [str(corpus / "*.jsonl")], "epochs": 1.0}],
         "quality": {"languages": []},  # Gopher's and C4's paper thresholds (the defaults)
         "dedup": {"exact": False, "line_dedup": False, "ngram": NGRAM, "num_perm": BANDS * ROWS, "bands": BANDS,
-                  "threshold": THRESHOLD},
+                  "threshold": THRESHOLD, "verify": verify},
         "pii": False,
     }
-    path = out.parent / "ours.yaml"
+    path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "LLAMA2_PROGRESS": "0"}
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "pipelines" / "full.py"), "--config", str(path), "--output-dir",
                     str(out), "--until", "data"], check=True, env=env, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    docs = next(out.glob("data/*/docs"))
-    ids = {json.loads(m)["id"] for m in pq.read_table(docs, columns=["metadata"]).column("metadata").to_pylist()}
-    return seconds, ids
+    art = next(out.glob("data/*/docs")).parent
+    kept = {json.loads(m)["id"] for m in pq.read_table(art / "docs", columns=["metadata"]).column("metadata").to_pylist()}
+    dups = pq.read_table(art / "duplicates", columns=["removed_id", "kept_id"]) if (art / "duplicates").exists() \
+        else None
+    survivor = {} if dups is None else {
+        json_id(r, shards): json_id(k, shards)
+        for r, k in zip(dups.column("removed_id").to_pylist(), dups.column("kept_id").to_pylist())}
+    filtered = json.loads((art / "drop_reasons.json").read_text())["reasons"].get("kept", 0)
+    return {"seconds": seconds, "kept": kept, "survivor": survivor, "filtered": filtered}
 
 
-def run_datatrove(corpus: Path, out: Path, workers: int) -> tuple[float, set[str]]:
+def run_datatrove(corpus: Path, out: Path, workers: int) -> dict:
     start = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--datatrove-only", str(corpus), str(out), str(workers)], check=True)
     seconds = time.perf_counter() - start
-    ids = set(pq.read_table(out / "final", columns=["id"]).column("id").to_pylist())
-    return seconds, ids
+    kept = set(pq.read_table(out / "final", columns=["id"]).column("id").to_pylist())
+    filtered = sum(1 for f in (out / "filtered").glob("*.jsonl*") for _ in gzip.open(f, "rt"))
+    return {"seconds": seconds, "kept": kept, "filtered": filtered}
 
 
 def datatrove_pipeline(corpus: str, out: str, workers: int) -> None:
@@ -123,20 +148,18 @@ def datatrove_pipeline(corpus: str, out: str, workers: int) -> None:
         MinhashDedupFilter,
         MinhashDedupSignature,
     )
-    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
-    from datatrove.utils.text import TextNormConfig
+    from datatrove.utils.hashing import HashConfig
 
     _same_tokenization()
-    mh = MinhashConfig(n_grams=NGRAM, num_buckets=BANDS, hashes_per_bucket=ROWS,
-                       norm_config=TextNormConfig(norm_unicode_diacritics=False, norm_numbers=False))
-    signature = MinhashDedupSignature(output_folder=f"{out}/sigs", config=mh)
-    signature.word_tokenizer = _Whitespace()
-    # fork: workers inherit _same_tokenization (the default forkserver would start them without it)
+    mh = MinhashConfig(n_grams=NGRAM, num_buckets=BANDS, hashes_per_bucket=ROWS, hash_config=HashConfig(precision=32))
+    signature = _same_minhash(MinhashDedupSignature(output_folder=f"{out}/sigs", config=mh))
+    # fork: workers inherit the patches above (the default forkserver would start them without)
     # logs beside the outputs (datatrove writes ./logs/<timestamp> when no folder is given)
     run = dict(tasks=workers, workers=workers, logging_dir=f"{out}/logs", skip_completed=False, start_method="fork")
-    LocalPipelineExecutor([JsonlReader(corpus), C4QualityFilter(), GopherRepetitionFilter(), GopherQualityFilter(),
+    LocalPipelineExecutor([JsonlReader(corpus), _paper_c4(), GopherRepetitionFilter(), GopherQualityFilter(),
                            JsonlWriter(f"{out}/filtered"), signature], **run).run()
     LocalPipelineExecutor([MinhashDedupBuckets(input_folder=f"{out}/sigs", output_folder=f"{out}/buckets", config=mh)],
                           **{**run, "tasks": BANDS}).run()
@@ -144,11 +167,6 @@ def datatrove_pipeline(corpus: str, out: str, workers: int) -> None:
                           **{**run, "tasks": 1, "workers": 1}).run()
     LocalPipelineExecutor([JsonlReader(f"{out}/filtered"), MinhashDedupFilter(input_folder=f"{out}/remove"),
                            ParquetWriter(f"{out}/final")], **run).run()
-
-
-class _Whitespace:
-    def word_tokenize(self, text: str) -> list[str]:
-        return text.split()
 
 
 def _same_tokenization() -> None:
@@ -163,6 +181,35 @@ def _same_tokenization() -> None:
     c4.split_into_sentences = lambda text, language=None: [""] * max(1, len(SENTENCE_END.findall(text)))
 
 
+def _paper_c4():
+    """C4QualityFilter whose lorem-ipsum and curly-bracket rules see the whole page (C4's paper)."""
+    from datatrove.pipeline.filters import C4QualityFilter
+
+    class PaperC4(C4QualityFilter):
+        def filter(self, doc):
+            if "lorem ipsum" in doc.text.lower():
+                return False, "lorem_ipsum"
+            if "{" in doc.text:
+                return False, "curly_bracket"
+            return super().filter(doc)
+
+    return PaperC4()
+
+
+def _same_minhash(signature):
+    """Our shingles (steps.data.dedup) and permutations in datatrove's signature step: with
+    32-bit precision its formula min((h * a + b) mod (2^61 - 1)) & (2^32 - 1) is ours, so the
+    signatures, and therefore the bucket collisions, are bit-identical on both sides."""
+    import numpy as np
+
+    from steps.data import dedup as dd
+
+    perms = dd.permutations(BANDS * ROWS)
+    signature._parameters = (perms.a.reshape(1, -1), perms.b.reshape(1, -1))
+    signature.get_shingles = lambda text: dd.shingle_hashes(text, NGRAM).astype(np.uint64).reshape(-1, 1)
+    return signature
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--datatrove-only":
         os.environ.setdefault("LOGURU_LEVEL", "WARNING")
@@ -174,20 +221,37 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=24000)
     p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--verify", action="store_true", help="ours with exact-Jaccard verification (not equal work)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    ratios = []
+    with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
         tmp = Path(tmp)
         n = make_corpus(tmp / "corpus", args.docs, shards=args.cores)
-        dt_s, dt_ids = run_datatrove(tmp / "corpus", tmp / "datatrove", args.cores)
-        ours_s, ours_ids = run_ours(tmp / "corpus", tmp / "ours")
-    ours_rate, dt_rate = n / ours_s / args.cores, n / dt_s / args.cores
-    both = len(ours_ids & dt_ids)
-    print(f"input: {n} documents in {args.cores} JSONL shards; {args.cores} cores each side")
-    print(f"ours:      {ours_s:8.1f} s  {ours_rate:8.1f} docs/s per core  kept {len(ours_ids)}")
-    print(f"datatrove: {dt_s:8.1f} s  {dt_rate:8.1f} docs/s per core  kept {len(dt_ids)}")
-    print(f"kept by both: {both} ({both / max(1, len(ours_ids | dt_ids)):.3f} of either's); "
-          f"only ours {len(ours_ids - dt_ids)}, only datatrove {len(dt_ids - ours_ids)}")
-    print(f"ratio_vs_datatrove: {ours_rate / dt_rate:.2f}")
+        print(f"input: {n} documents in {args.cores} JSONL shards; {args.cores} cores each side", flush=True)
+        for r in range(args.repeat):
+            sides = ["datatrove", "ours"] if r % 2 == 0 else ["ours", "datatrove"]
+            res = {}
+            for side in sides:
+                out = tmp / f"{side}-{r}"
+                res[side] = run_datatrove(tmp / "corpus", out, args.cores) if side == "datatrove" else \
+                    run_ours(tmp / "corpus", out, args.cores, args.verify)
+                shutil.rmtree(out)
+            rate = {k: n / v["seconds"] / args.cores for k, v in res.items()}
+            ratios.append(rate["ours"] / rate["datatrove"])
+            ours, dt = res["ours"], res["datatrove"]
+            for side in ("ours", "datatrove"):
+                v = res[side]
+                print(f"run {r} {side:9s} {v['seconds']:7.1f} s {rate[side]:7.1f} docs/s per core  "
+                      f"after rules {v['filtered']}  kept {len(v['kept'])}", flush=True)
+            both = ours["kept"] & dt["kept"]
+            mapped = {ours["survivor"].get(d, d) for d in dt["kept"]}
+            print(f"run {r} kept by both: {len(both)} of {len(ours['kept'] | dt['kept'])}; datatrove's kept mapped "
+                  f"to our cluster survivors: {len(mapped & ours['kept'])} shared, only ours "
+                  f"{len(ours['kept'] - mapped)}, only datatrove {len(mapped - ours['kept'])}; ratio {ratios[-1]:.2f}",
+                  flush=True)
+    print(f"ratios: {' '.join(f'{x:.2f}' for x in ratios)} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(f"ratio_vs_datatrove: {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -200,3 +200,27 @@ def test_clean_batch_keeps_every_document_with_a_reason():
     assert out["reason"] == ["", "c4_too_few_sentences"] and out["order"] == ["0", "1"]
     assert out["value"] == [0.0, 0.0]  # its one line has under 3 words: no sentence left
     assert "<EMAIL>" in out["text"][0] and out["pii_email"] == [1, 0]
+
+
+def test_vectorised_ngram_measures_equal_the_counter_definitions():
+    """NgramStats (numpy) gives exactly the values of the Counter-based definitions, ties included."""
+    from steps.data.clean import NgramStats, _dup_ngram_chars, _top_ngram_chars
+
+    rng = random.Random(7)
+    texts = [*REPETITION.values(), LONG_GOOD, "", "a", "a a", "x y x y x y z", " ".join(["a"] * 12)]
+    texts += [" ".join(rng.choice(["to", "be", "or", "not", "question", "is"]) for _ in range(rng.randrange(80)))
+              for _ in range(200)]  # small vocabularies: many repeated n-grams and ties
+    for text in texts:
+        words = text.split()
+        total = sum(map(len, words)) or 1
+        stats = NgramStats(words)
+        assert [stats.top(n) for n in (2, 3, 4)] == [_top_ngram_chars(words, n, total) for n in (2, 3, 4)]
+        assert [stats.dup(n) for n in range(5, 11)] == [_dup_ngram_chars(words, n, total) for n in range(5, 11)]
+
+
+@pytest.mark.parametrize("text", ["a1 22 __ ... ¿qué? 3.14 x_1 foo\x1cbar ½ ² ٣ 漢字 -- ok.", LONG_GOOD, GOOD])
+def test_non_alpha_words_by_regex_match_the_per_word_test(text):
+    from steps.data.clean import ALPHA, NON_ALPHA_WORD
+
+    words = text.split()
+    assert len(words) - len(NON_ALPHA_WORD.findall(text)) == sum(1 for w in words if ALPHA.search(w))

@@ -56,6 +56,21 @@ def test_exact_jaccard_decides_not_the_estimate():
     assert above >= 5 and below >= 5  # both sides of the threshold were exercised
 
 
+def test_unverified_dedup_merges_every_collision():
+    """dedup.verify=False (datatrove's rule): colliding pairs below the threshold are merged too."""
+    cfg = DedupConfig(num_perm=100, bands=20, threshold=0.8)
+    unverified = cfg.model_copy(update={"verify": False})
+    below_merged = 0
+    for seed in range(20):
+        a = article(seed, 400)
+        b = edit(a, seed + 2000, 0.06)  # J around 0.6: a candidate with p ~ 0.8 at 20 x 5
+        assert true_j(a, b) < 0.8 and dd.find_duplicates([a, b], cfg) == []
+        removed = dd.find_duplicates([a, b], unverified)
+        below_merged += len(removed)
+        assert all(r["similarity"] == dd.UNVERIFIED and (r["removed"], r["kept"]) == (1, 0) for r in removed)
+    assert below_merged >= 10
+
+
 def test_chain_is_one_cluster_with_one_survivor():
     a = article(1, 400)
     b = edit(a, 2, 0.03)
@@ -140,7 +155,9 @@ def test_distributed_dedup_matches_in_process(ray_local):
     a = article(999, 400)
     docs += [a, edit(a, 4, 0.03), edit(edit(a, 4, 0.03), 5, 0.03)]  # a chain
     rows = [{"id": f"s/{i:04d}", "order": f"000/s/{i:04d}", "text": t} for i, t in enumerate(docs)]
-    for parts, block, cfg in ((1, 100, CFG), (2, 7, CFG), (3, 5, CFG), (2, 9, CFG.model_copy(update={"exact": False}))):
+    unverified = CFG.model_copy(update={"verify": False})
+    for parts, block, cfg in ((1, 100, CFG), (2, 7, CFG), (3, 5, CFG), (2, 9, CFG.model_copy(update={"exact": False})),
+                              (2, 7, unverified)):
         expected = {(f"s/{r['removed']:04d}", f"s/{r['kept']:04d}", r["kind"], round(r["similarity"], 9))
                     for r in dd.find_duplicates(docs, cfg)}
         blocks = [ray_local.put(pa.Table.from_pylist(rows[i:i + block])) for i in range(0, len(rows), block)]
@@ -148,3 +165,11 @@ def test_distributed_dedup_matches_in_process(ray_local):
         got = pa.concat_tables(ray_local.get(refs)).to_pylist()
         assert {(r["removed_id"], r["kept_id"], r["kind"], round(r["similarity"], 9)) for r in got} == expected
         assert stats["verified_pairs"] >= 4
+
+
+def test_mersenne_reduction_equals_the_modulo():
+    rng = np.random.default_rng(0)
+    p = dd.MERSENNE
+    x = np.concatenate([rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64),
+                        np.array([0, 1, p - 1, p, p + 1, 2 * p, 2**61, 2**61 + 6, 2**63, 2**64 - 1], dtype=np.uint64)])
+    assert np.array_equal(dd._mod_mersenne(x), x % p)

@@ -2,7 +2,11 @@
 
 import bz2
 import gzip
+import html
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,8 @@ from scripts.fetch_demo_data import DEFAULT_DEST, ensure
 from steps.data.config import SourceConfig
 from steps.data.readers import CorruptInputError, ReadReport, read_source, strip_gutenberg
 from steps.data.wikitext import strip_wiki_markup
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +178,66 @@ def test_parquet_reader_and_null_rows(tmp_path):
     assert report.errors[0]["line"] == 2 and "null" in report.errors[0]["reason"]
     with pytest.raises(CorruptInputError, match="no column 'text'"):
         list(read_source(src("parquet", [f]), on_error="fail"))
+
+
+def write_posts(path, megabytes: int) -> int:
+    """A Posts.xml of ~megabytes: questions each followed by two answers; returns the questions."""
+    body = html.escape("<p>" + " ".join(f"word{i % 97}" for i in range(150)) + "</p>", quote=True)
+    path.parent.mkdir(parents=True)
+    q, size = 0, 0
+    with open(path, "w") as f:
+        f.write('<?xml version="1.0" encoding="utf-8"?>\n<posts>\n')
+        while size < megabytes * 2**20:
+            f.write(f'<row Id="{3 * q}" PostTypeId="1" Score="1" Title="Question {q}" Body="{body}" />\n')
+            for k in (1, 2):
+                f.write(f'<row Id="{3 * q + k}" PostTypeId="2" ParentId="{3 * q}" Score="{k}" Body="{body}" />\n')
+            q += 1
+            size += 3 * len(body) + 200
+        f.write("</posts>\n")
+    return q
+
+
+READ_AND_MEASURE = """
+import gc, sys, threading, time
+import psutil
+from steps.data.config import SourceConfig
+from steps.data.readers import read_source
+proc, peak, done = psutil.Process(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.01)
+gc.collect()
+before = proc.memory_info().rss
+threading.Thread(target=watch, daemon=True).start()
+src = SourceConfig(name="se", kind="stackexchange", paths=[sys.argv[1]], epochs=1.0)
+n = sum(1 for _ in read_source(src))
+done.set()
+print(n, max(peak[0], proc.memory_info().rss) - before)
+"""
+
+
+def test_stackexchange_reader_memory_is_flat_as_the_dump_grows(tmp_path):
+    """Resident memory gained while reading, each size in a fresh process. Holding the dump's
+    rows (a dict of questions and answers, as before streaming) gained ~1.2x the file's size."""
+    growth = {}
+    for mb in (1, 20):
+        posts = tmp_path / str(mb) / "site" / "Posts.xml"
+        questions = write_posts(posts, mb)
+        out = subprocess.run([sys.executable, "-c", READ_AND_MEASURE, str(posts)],
+                             capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+        assert int(out[0]) == questions
+        growth[mb] = int(out[1]) / 2**20
+    assert growth[20] - growth[1] < 6, f"resident memory gained while reading: {growth} MB"
+
+
+def test_stackexchange_malformed_xml_keeps_the_questions_before_it(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "Posts.xml").write_text(
+        '<posts>\n<row Id="1" PostTypeId="1" Title="First" Body="&lt;p&gt;Body one.&lt;/p&gt;" />\n'
+        '<row Id="2" PostTypeId="2" ParentId="1" Score="3" Body="&lt;p&gt;An answer.&lt;/p&gt;" />\n'
+        '<row Id="3" PostTypeId="1" Title="Broken\n')
+    report = ReadReport()
+    docs = list(read_source(src("stackexchange", [tmp_path / "site" / "Posts.xml"]), report=report))
+    assert [d["text"] for d in docs] == ["First\n\nBody one.\n\nAn answer."]
+    assert "malformed XML" in report.errors[0]["reason"]

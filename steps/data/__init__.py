@@ -66,19 +66,29 @@ def fingerprint_inputs(cfg, **_params) -> str:
     return h.hexdigest()[:16]
 
 
+def step_resources(run_cfg, step: str = "data") -> dict[str, float]:
+    """The custom Ray resources of the data step's own StepResources (`run.resources.data`):
+    every task the step launches asks for them too, so on a cluster they run on the data
+    image's nodes (`data_node`), not on whichever node has a free CPU."""
+    res = run_cfg.resources.get(step)
+    return dict(res.resources) if res is not None else {}
+
+
 def run(ctx) -> dict[str, float]:
     cfg: DataConfig = ctx.cfg.data
-    metrics, plans, reports = process(cfg, Path(ctx.out_dir), ctx.seed)
+    metrics, plans, reports = process(cfg, Path(ctx.out_dir), ctx.seed, step_resources(ctx.cfg.run, ctx.step))
     ctx.log_table(plan_table(plans), "mixture.json")
     ctx.log_dict(reports, "cleaning.json")
     return metrics
 
 
-def process(cfg: DataConfig, out: Path, seed: int) -> tuple[dict, dict, dict]:
-    """The whole stage on the connected Ray cluster; returns (metrics, mixture plans, reports)."""
+def process(cfg: DataConfig, out: Path, seed: int, resources: dict[str, float] | None = None,
+            ) -> tuple[dict, dict, dict]:
+    """The whole stage on the connected Ray cluster; returns (metrics, mixture plans, reports).
+    `resources`: custom Ray resources every task of the stage asks for (see step_resources)."""
     import ray
 
-    sh.TASK_OPTIONS["num_cpus"] = cfg.cpus_per_task
+    sh.configure(cfg.cpus_per_task, resources)
     out.mkdir(parents=True, exist_ok=True)
     sources = [s.model_dump() for s in cfg.sources]
     kinds = {s.name: s.kind for s in cfg.sources}
@@ -87,7 +97,7 @@ def process(cfg: DataConfig, out: Path, seed: int) -> tuple[dict, dict, dict]:
     audit = {"audit_dir": str(out / "dropped"), "audit_fraction": cfg.drop_audit_fraction}
 
     # read + clean, chained per block: a block is cleaned as soon as it is read
-    reader = ray.remote(stage.read_blocks).options(num_returns="streaming", num_cpus=cfg.cpus_per_task)
+    reader = ray.remote(stage.read_blocks).options(**sh.task_options("streaming"))
     cleaner = sh.remote(stage.clean_block, num_returns=2)
     gens = [reader.remote(i, str(f), sources, cfg.on_error, cfg.block_bytes) for i, f in source_files(cfg)]
     blocks, clean_stats, notes = [], [], []

@@ -5,7 +5,7 @@ holds ObjectRefs and a few counts, never rows.
     exact        shuffle by exact key: all but the first (pipeline order) of a group go
     buckets      band keys shuffled by key; in a bucket, exact copies collapse to their first,
                  then candidate pairs (dedup.bucket_pairs), shuffled by the first document
-    verify       joined with the first's shingles (same partitioning), shuffled by the second,
+    verify       (dedup.verify; off: every collision is an edge) joined with the first's shingles (same partitioning), shuffled by the second,
                  joined with its shingles: exact Jaccard >= threshold makes an edge
     components   components.py, over the edges
     records      per removed document: the kept one and the best Jaccard (exact: 1.0)
@@ -133,6 +133,13 @@ def _verify_second(pairs: pa.Table, shingles: pa.Table, threshold: float) -> pa.
     return pa.table({"u": pa.array(us, pa.string()), "v": pa.array(vs, pa.string()), "j": pa.array(js, pa.float64())})
 
 
+def _unverified_edges(pairs: pa.Table) -> pa.Table:
+    if pairs.num_rows:
+        pairs = pairs.group_by(["u", "v"]).aggregate([])
+    return pa.table({"u": pairs.column("u"), "v": pairs.column("v"),
+                     "j": pa.array(np.full(pairs.num_rows, dd.UNVERIFIED), pa.float64())})
+
+
 def _best_rows(edges: pa.Table) -> pa.Table:
     return pa.table({"node": pa.concat_arrays([edges.column("u").combine_chunks(), edges.column("v").combine_chunks()]),
                      "j": pa.concat_arrays([edges.column("j").combine_chunks()] * 2)})
@@ -167,13 +174,20 @@ def dedup_blocks(blocks: list, cfg: DedupConfig, parts: int) -> tuple[list, dict
         records += sh.reduce(sh.map_split(sigs, _exact_rows, "exact", parts), _exact_reduce,
                              num_returns=1, parts=1)
     if cfg.minhash:
+        max_all_pairs = cfg.max_bucket_all_pairs if cfg.verify else 1  # unverified: a star per bucket
         pairs = sh.as_split(sh.reduce(sh.map_split(sigs, _band_rows, "key", parts), _bucket_reduce,
-                                      num_returns=parts, parts=parts, max_all_pairs=cfg.max_bucket_all_pairs, collapse_exact=cfg.exact))
-        shingles = sh.map_split(sigs, _shingle_rows, "order", parts)
-        first = sh.reduce(pairs, _verify_first, side=[shingles], num_returns=parts + 1, parts=parts)
-        stats["candidate_pairs"] = int(sum(ray.get([r[parts] for r in first])))
-        edges = sh.reduce([r[:parts] for r in first], _verify_second, side=[shingles], threshold=cfg.threshold)
+                                      num_returns=parts, parts=parts, max_all_pairs=max_all_pairs,
+                                      collapse_exact=cfg.exact))
+        if cfg.verify:
+            shingles = sh.map_split(sigs, _shingle_rows, "order", parts)
+            first = sh.reduce(pairs, _verify_first, side=[shingles], num_returns=parts + 1, parts=parts)
+            stats["candidate_pairs"] = int(sum(ray.get([r[parts] for r in first])))
+            edges = sh.reduce([r[:parts] for r in first], _verify_second, side=[shingles], threshold=cfg.threshold)
+        else:  # every collision is an edge (datatrove's and NeMo Curator's rule)
+            edges = sh.reduce(pairs, _unverified_edges)
         stats["verified_pairs"] = int(sum(ray.get([sh.remote(_num_rows).remote(e) for e in edges])))
+        if not cfg.verify:
+            stats["candidate_pairs"] = stats["verified_pairs"]
         if stats["verified_pairs"]:
             roots = connected_components(edges, parts, cfg.max_component_rounds)
             best = sh.map_split(edges, _best_rows, "node", parts)

@@ -17,6 +17,8 @@ import json
 import lzma
 import os
 import re
+import sqlite3
+import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -340,31 +342,61 @@ def html_to_text(fragment: str) -> str:
 
 
 def read_stackexchange(src: SourceConfig, files: list[Path], report: ReadReport, on_error: str) -> Iterator[dict]:
-    """Posts.xml: one document per question = title + body + answers by score, high to low."""
+    """Posts.xml: one document per question = title + body + answers by score, high to low.
+
+    A dump's answers can come any distance after their question (rows are in Id order), so a
+    question cannot be emitted as it is read. Instead of holding the file in memory, rows are
+    streamed (iterparse, each row and the root's reference to it cleared) into an on-disk SQLite
+    table, indexed by question, then read back one question at a time: memory stays flat however
+    big the dump (tests/test_data_readers.py measures it), and the disk holds about one copy."""
     for path in files:
-        questions: dict[str, dict] = {}
-        answers: dict[str, list[tuple[int, str]]] = {}
-        try:
-            with open_text(path) as f:
-                for _, el in ET.iterparse(f, events=("end",)):
-                    if el.tag != "row":
-                        continue
-                    a = el.attrib
-                    kind, pid = a.get("PostTypeId"), a.get("Id")
-                    if kind == "1" and pid:
-                        questions[pid] = {"title": a.get("Title", ""), "body": a.get("Body", "")}
-                    elif kind == "2" and a.get("ParentId"):
-                        answers.setdefault(a["ParentId"], []).append((int(a.get("Score", "0") or 0), a.get("Body", "")))
-                    el.clear()
-        except ET.ParseError as e:
-            report.error(CorruptInputError(path, e.position[0], f"malformed XML: {e}"), on_error)
-        except (OSError, EOFError) as e:
-            report.error(CorruptInputError(path, None, f"truncated or unreadable ({e})"), on_error)
-        for qid, q in questions.items():
-            ranked = sorted(answers.get(qid, []), key=lambda sa: -sa[0])
-            parts = [q["title"], html_to_text(q["body"])] + [html_to_text(body) for _, body in ranked]
-            yield doc(src.name, f"{path.parent.name}#{qid}", "\n\n".join(p for p in parts if p),
-                      answers=len(ranked))
+        with tempfile.TemporaryDirectory(prefix="se-posts-") as tmp:
+            db = sqlite3.connect(Path(tmp) / "posts.db")
+            try:
+                _load_posts(db, path, report, on_error)
+                yield from _questions(db, src.name, path)
+            finally:
+                db.close()
+
+
+def _load_posts(db: sqlite3.Connection, path: Path, report: ReadReport, on_error: str) -> None:
+    db.execute("PRAGMA journal_mode=OFF")  # a scratch table: no crash safety needed
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT, title TEXT, body TEXT)")
+    db.execute("CREATE TABLE a (seq INTEGER PRIMARY KEY, parent TEXT, score INTEGER, body TEXT)")
+    rows = 0
+    try:
+        with open_text(path) as f:
+            root = None
+            for event, el in ET.iterparse(f, events=("start", "end")):
+                if root is None:
+                    root = el  # the first start event: without clearing it, it keeps every row
+                if event != "end" or el.tag != "row":
+                    continue
+                a = el.attrib
+                kind, pid = a.get("PostTypeId"), a.get("Id")
+                if kind == "1" and pid:
+                    db.execute("INSERT INTO q VALUES (?, ?, ?, ?)", (rows, pid, a.get("Title", ""), a.get("Body", "")))
+                elif kind == "2" and a.get("ParentId"):
+                    db.execute("INSERT INTO a VALUES (?, ?, ?, ?)",
+                               (rows, a["ParentId"], int(a.get("Score", "0") or 0), a.get("Body", "")))
+                rows += 1
+                el.clear()
+                root.clear()
+    except ET.ParseError as e:  # keep the questions read before the error
+        report.error(CorruptInputError(path, e.position[0], f"malformed XML: {e}"), on_error)
+    except (OSError, EOFError) as e:
+        report.error(CorruptInputError(path, None, f"truncated or unreadable ({e})"), on_error)
+    db.execute("CREATE INDEX a_parent ON a (parent, score DESC, seq)")
+    db.commit()
+
+
+def _questions(db: sqlite3.Connection, source: str, path: Path) -> Iterator[dict]:
+    """Questions in file order, each with its answers by score (ties in file order)."""
+    for _, qid, title, body in db.execute("SELECT seq, id, title, body FROM q ORDER BY seq"):
+        answers = [b for (b,) in db.execute("SELECT body FROM a WHERE parent = ? ORDER BY score DESC, seq", (qid,))]
+        parts = [title, html_to_text(body)] + [html_to_text(b) for b in answers]
+        yield doc(source, f"{path.parent.name}#{qid}", "\n\n".join(p for p in parts if p), answers=len(answers))
 
 
 READERS: dict[str, Callable[..., Iterator[dict]]] = {

@@ -17,7 +17,23 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-TASK_OPTIONS: dict = {"num_cpus": 1}  # the step sets cpus_per_task from its config
+# Options of every task the data step launches; the step sets them once (configure) from its
+# config and its StepResources, so readers, cleaners and shuffles land where the step does.
+TASK_OPTIONS: dict = {"num_cpus": 1}
+
+
+def configure(num_cpus: float, resources: dict[str, float] | None = None) -> None:
+    """CPUs per task, plus the step's custom resources (`data_node` on a cluster: the marker of
+    the nodes that run the data image). Without them a task could be scheduled on any node with
+    a free CPU, e.g. a GPU training node whose image lacks the data stage's dependencies."""
+    TASK_OPTIONS.clear()
+    TASK_OPTIONS["num_cpus"] = num_cpus
+    if resources:
+        TASK_OPTIONS["resources"] = dict(resources)
+
+
+def task_options(num_returns: int | str = 1) -> dict:
+    return {"num_returns": num_returns, **TASK_OPTIONS}
 
 
 def key_partition(col: pa.ChunkedArray | pa.Array, parts: int) -> np.ndarray:
@@ -60,7 +76,7 @@ def _reduce(fn: Callable, kwargs: dict, counts: tuple, *parts):
 def remote(fn: Callable, num_returns: int = 1):
     import ray
 
-    return ray.remote(fn).options(num_returns=num_returns, **TASK_OPTIONS)
+    return ray.remote(fn).options(**task_options(num_returns))
 
 
 def map_split(blocks: Sequence, fn: Callable, key: str, parts: int, **kwargs) -> list[list]:

@@ -4,6 +4,7 @@ and artifacts or checkpoints truncated or altered on disk."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -13,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipelines.runner import StepSpec, execute_step, plan_fingerprints
 from steps.engine import train
 from steps.engine.config import OptimConfig, TrainConfig
+from tests.conftest import latest, run_cli
 from tests.test_engine import objective
 
 # ------------------------------------------------------------------ a training worker SIGKILLed
@@ -150,3 +153,157 @@ def _failure_text(exc: BaseException) -> str:
     import traceback
 
     return "".join(traceback.format_exception(exc))
+
+
+# ------------------------------------------------------- a truncated safetensors input artifact
+# This module doubles as a two-step pipeline for the runner (VERSION + run): `weights` writes a
+# safetensors file, `user` loads it as its input. LOADS records every load that happened.
+VERSION = "1"
+LOADS: list[str] = []
+WEIGHT_STEPS = [
+    StepSpec("weights", "tests.test_faults", "test", ("tokenizer.vocab_size",)),
+    StepSpec("user", "tests.test_faults", "test", ("model.dim",), inputs={"weights": "weights"}),
+]
+
+
+def run(ctx, **inputs):
+    import torch
+    from safetensors.torch import save_file
+
+    from model.weights import load_state_dict
+
+    if "weights" in inputs:
+        path = inputs["weights"].file("model.safetensors")
+        LOADS.append(str(path))
+        scale = sum(float(t.abs().sum()) for t in load_state_dict(path).values()) * ctx.cfg.model.dim
+        (ctx.out_dir / "scale.json").write_text(json.dumps(scale))
+        return {"scale": scale}
+    torch.manual_seed(ctx.seed)
+    save_file({"layer.weight": torch.randn(256, 256)}, str(ctx.out_dir / "model.safetensors"))
+    return {}
+
+
+def _run_steps(cfg):
+    fps = plan_fingerprints(WEIGHT_STEPS, cfg)
+    results = {}
+    for spec in WEIGHT_STEPS:
+        inputs = {arg: results[src] for arg, src in spec.inputs.items()}
+        results[spec.name] = execute_step(spec, cfg.model_dump_json(), fps[spec.name], None, **inputs)
+    return results
+
+
+def test_truncated_safetensors_input_is_refused_by_checksum_and_never_loaded(tmp_path):
+    from pipelines.artifacts import ArtifactCorrupted
+    from pipelines.config import load_config
+
+    first = _run_steps(load_config(None, [f"run.output_dir={tmp_path}"]))
+    weights = first["weights"].artifact().path / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # cut off the tail, as a full disk or a killed copy would
+        f.truncate(size // 2)
+    LOADS.clear()
+    # the downstream step, recomputed after a config change, must not read its corrupted input
+    with pytest.raises(ArtifactCorrupted) as err:
+        _run_steps(load_config(None, [f"run.output_dir={tmp_path}", "model.dim=64"]))
+    assert str(weights) in str(err.value) and "Delete" in str(err.value), err.value
+    assert LOADS == [], "the corrupted weights were loaded"
+    assert [p.name for p in (tmp_path / "user").iterdir() if not p.name.startswith(".")] == [
+        first["user"].fingerprint]  # no artifact was made from it
+
+
+# ---------------------------------------------- the driver SIGKILLed in the middle of the DAG (e2e)
+# The shared run's first invocation was SIGKILLed once sft had a checkpoint (tests/conftest.py
+# tiny_run); the invocation after it completed the DAG; the third was all cache hits.
+
+
+def _parent_runs(out: Path):
+    """The pipeline's parent runs, oldest first: the killed, the resumed and the cached invocation."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("llama2-tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+                for p in parents}
+    return client, parents, children
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_killed_driver_left_no_process_behind(tiny_run):
+    killed = tiny_run.killed
+    assert any("raylet" in p for p in killed.processes), killed.processes  # its own Ray was running
+    assert any("RayTrainWorker" in p for p in killed.processes), killed.processes
+    assert killed.survivors == [], f"still alive 30 s after the driver was killed: {killed.survivors}"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_steps_completed_before_the_kill_are_cache_hits_when_resumed(tiny_run):
+    out, resumed, _ = tiny_run
+    killed = tiny_run.killed
+    assert {"data", "tokenizer", "pretrain"} <= set(killed.completed), killed.completed
+    assert killed.step not in killed.completed
+    _, parents, children = _parent_runs(out)
+    assert len(parents) == 3, [p.info.run_name for p in parents]  # killed, resumed, all cached
+    steps = {r.data.tags["step"]: r.data.tags["cache_hit"] for r in children[parents[1].info.run_id]}
+    assert {s: steps.get(s) for s in killed.completed} == {s: "true" for s in killed.completed}
+    assert steps[killed.step] == "false"
+    # nothing finished before the kill has a second artifact (nothing was recomputed)
+    for step in killed.completed:
+        assert len(list((out / step).glob("*/manifest.json"))) == 1, step
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_interrupted_training_resumed_from_its_checkpoint(tiny_run):
+    out = tiny_run.out
+    killed = tiny_run.killed
+    client, parents, children = _parent_runs(out)
+    run = next(r for r in children[parents[1].info.run_id] if r.data.tags["step"] == killed.step)
+    assert run.data.tags.get("resumed_from_checkpoint") == killed.checkpoint, run.data.tags
+    # the resumed run logged training steps only after the checkpoint: none was redone before it
+    ckpt_step = int(killed.checkpoint.removeprefix("step_"))
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert logged and min(logged) > ckpt_step, (ckpt_step, logged[:5])
+    # the killed invocation's run of the same step had logged up to (at least) the checkpoint
+    before = next(r for r in children[parents[0].info.run_id] if r.data.tags.get("step") == killed.step)
+    assert max(m.step for m in client.get_metric_history(before.info.run_id, "train/loss")) >= ckpt_step
+    assert latest(out, killed.step).metrics.get("steps") == max(logged)  # it trained to the end
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_outputs_of_the_resumed_pipeline_verify(tiny_run):
+    from pipelines.artifacts import Artifact, ArtifactStore
+
+    out = tiny_run.out
+    store = ArtifactStore(out)
+    manifests = list(out.glob("*/*/manifest.json"))
+    assert len(manifests) >= 30
+    for m in manifests:
+        assert store.verify(Artifact.load(m.parent)) == [], m.parent
+    # every published step's scratch space (checkpoints) is gone, the killed step's included
+    leftover = [p for p in out.glob("*/.work/*") if (out / p.parent.parent.name / p.name / "manifest.json").exists()]
+    assert leftover == []
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_pipeline_refuses_a_truncated_cached_artifact_naming_the_file(tiny_run, tmp_path):
+    """A copy of the run's first three artifacts with pretrain's weights truncated: the pipeline
+    stops at pretrain with the file named, and never trains SFT on them."""
+    import shutil
+
+    out = tiny_run.out
+    for step in ("data", "tokenizer", "pretrain"):
+        shutil.copytree(out / step, tmp_path / step, ignore=shutil.ignore_patterns(".work", ".staging"))
+    weights = next(p for p in (tmp_path / "pretrain").glob("*/*.safetensors"))
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 1000)
+    res = run_cli(tmp_path, "--until", "sft")
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "ArtifactCorrupted" in text and str(weights) in text, text[-3000:]
+    assert not list(tmp_path.glob("sft/*/manifest.json"))

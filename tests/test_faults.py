@@ -307,3 +307,33 @@ def test_pipeline_refuses_a_truncated_cached_artifact_naming_the_file(tiny_run, 
     assert res.returncode != 0
     assert "ArtifactCorrupted" in text and str(weights) in text, text[-3000:]
     assert not list(tmp_path.glob("sft/*/manifest.json"))
+
+
+TRUNCATED_CLIENT_STATE = r"""
+import os, sys, json, socket
+from pathlib import Path
+import torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+from steps.engine.checkpoint import CheckpointCorrupted, load_checkpoint
+ckpt = Path(sys.argv[1]); tag = ckpt / "step_00000004"; tag.mkdir(parents=True)
+text = json.dumps({"step": 4, "rng": {}, "files": {"mp_rank_00_model_states.pt": "0" * 64}})
+(tag / "client_rank0.json").write_text(text[: len(text) // 2])  # cut short mid-write
+try:
+    load_checkpoint(None, ckpt, "step_00000004")  # refused before DeepSpeed is touched
+except CheckpointCorrupted as e:
+    print("REFUSED", e)
+"""
+
+
+def test_truncated_checkpoint_state_file_is_refused_naming_it(tmp_path):
+    """The per-rank JSON that holds the step, the RNG state and the shards' checksums: cut short,
+    it is reported as a corrupted checkpoint with its path, not as a bare JSON error."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", TRUNCATED_CLIENT_STATE, str(tmp_path / "checkpoints")],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "REFUSED" in res.stdout and "client_rank0.json" in res.stdout and "Delete" in res.stdout, res.stdout

@@ -57,6 +57,21 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, what: str) -> N
     raise TimeoutError(f"{what} did not answer {url} within {timeout:.0f} s")
 
 
+def _end_group(proc: subprocess.Popen) -> None:
+    """End the process group we started (server workers, browser renderers): SIGTERM, 30 s for
+    the leader to exit, then SIGKILL for whatever of the group is left."""
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 class MlflowUI:
     """`mlflow server` on 127.0.0.1 and a free port over a run's sqlite store and artifacts
     (one worker: the default starts many processes, STACK.md)."""
@@ -68,7 +83,8 @@ class MlflowUI:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{out}/mlflow.db",
              "--default-artifact-root", (out / "mlartifacts").as_uri(), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"], stdout=self.log, stderr=subprocess.STDOUT)
+             "--port", str(self.port), "--workers", "1"], stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own group: close() ends its uvicorn and job workers too
         try:
             _wait_http(f"{self.url}/health", 300, self.proc, "mlflow server")
         except BaseException:
@@ -76,12 +92,7 @@ class MlflowUI:
             raise
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _end_group(self.proc)
         self.log.close()
 
 
@@ -93,7 +104,7 @@ class Browser:
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--no-default-browser-check", "--remote-debugging-port=0", "--remote-allow-origins=*",
              f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file, deadline = profile / "DevToolsActivePort", time.time() + 120
             while not port_file.exists() or not port_file.read_text().strip():
@@ -164,12 +175,7 @@ class Browser:
     def close(self) -> None:
         if getattr(self, "ws", None):
             self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _end_group(self.proc)
 
 
 class _WebSocket:

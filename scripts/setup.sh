@@ -16,3 +16,10 @@ from deepspeed.accelerator import get_accelerator
 get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
 print("deepspeed CPU comm op ready")
 PY
+# Headless Chromium for the MLflow UI test (tests/test_mlflow_ui.py): Debian's package, only when missing.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  echo "chromium installed: $(chromium --version)"
+fi

@@ -107,10 +107,10 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str) -> int:
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    client = json.loads((ckpt_dir / tag / f"client_rank{rank}.json").read_text())
+    client = _client_state(ckpt_dir, tag, rank)
     expected = dict(client["files"])
     if rank != 0:  # the files no rank owns (rank 0 hashed them) are read by every rank
-        shared = json.loads((ckpt_dir / tag / "client_rank0.json").read_text())["files"]
+        shared = _client_state(ckpt_dir, tag, 0)["files"]
         expected.update({k: v for k, v in shared.items() if "zero_pp_rank_" not in k})
     for name, sha in expected.items():
         path = ckpt_dir / tag / name
@@ -127,6 +127,21 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str) -> int:
 
 class CheckpointCorrupted(RuntimeError):
     """A checkpoint file no longer matches the checksum recorded when it was saved."""
+
+
+def _client_state(ckpt_dir: Path, tag: str, rank: int) -> dict:
+    """A rank's step, RNG state and shard checksums. It holds the checksums, so nothing vouches
+    for it but its own parse: a truncated or missing one is a corrupted checkpoint, named."""
+    path = ckpt_dir / tag / f"client_rank{rank}.json"
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not {"step", "rng", "files"} <= state.keys():
+            raise ValueError("missing step, rng or files")
+        return state
+    except (OSError, ValueError) as e:
+        raise CheckpointCorrupted(f"checkpoint file {path} is missing, truncated or altered ({e}); the "
+                                  f"checkpoint is not loaded. Delete {ckpt_dir / tag} to resume from the "
+                                  f"one before, or {ckpt_dir} to start over.") from e
 
 
 def _owned_files(tag_dir: Path, rank: int) -> list[Path]:

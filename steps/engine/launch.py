@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.weights import INDEX, SINGLE
+from steps.engine.checkpoint import latest_checkpoint
 from steps.engine.config import OptimConfig, StepResources, TrainConfig
 from steps.engine.objective import Objective
 from steps.engine.worker import train_loop
@@ -103,6 +104,14 @@ def train(objective: Objective, train_cfg: TrainConfig, optim_cfg: OptimConfig, 
         env["LLAMA2_FAIL_AT_STEP"] = os.environ["LLAMA2_FAIL_AT_STEP"]
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
+    if (tag := latest_checkpoint(work_dir / "checkpoints")) is not None:
+        # a re-run after the whole job died (a killed driver): say so where a person looks, the
+        # console and the step's MLflow run, since the workers' own resume line may be filtered
+        print(f"[engine] {objective.name}: resuming from checkpoint {work_dir / 'checkpoints' / tag}", flush=True)
+        if tracking_uri and mlflow_run_id:
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri).set_tag(mlflow_run_id, "resumed_from_checkpoint", tag)
     trainer = TorchTrainer(
         _logged_train_loop,
         train_loop_config={"objective": objective, "train_cfg": train_cfg, "optim_cfg": optim_cfg,

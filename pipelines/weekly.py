@@ -193,7 +193,11 @@ def trained_in(root: Path, specs: list[StepSpec], cfg: Config, version: str) -> 
 
 
 def run_weekly(cfg: Config, uri: str, fmt: str, report: str | None, name: str | None = None) -> int:
-    """Ingest `uri` and run its RLHF iteration (the caller holds the weekly lock); an exit status."""
+    """Ingest `uri` and run its RLHF iteration (the caller holds the weekly lock); an exit status.
+
+    A rejected batch stops here, before anything runs. Otherwise the iterations recorded before
+    are completed first (a fresh storage root runs full.py's DAG, a weekly run that failed
+    resumes from its cached steps), so the new iteration starts from a known champion."""
     from pipelines.full import KEY_METRICS
     from pipelines.session import run_pipeline
 
@@ -201,6 +205,10 @@ def run_weekly(cfg: Config, uri: str, fmt: str, report: str | None, name: str | 
                "eval": [*KEY_METRICS["eval"], "win_rate.vs_champion.judge", "champion.promoted"]}
     root = Path(cfg.run.output_dir)
     state = WeeklyState(root)
+    week = time.strftime("%G-W%V", time.gmtime())
+    iterations = state.read()["iterations"]
+    last = iterations[-1]["iteration"] if iterations else cfg.rlhf.iterations
+    specs = weekly_specs(cfg, iterations)
     try:
         result = store(cfg).ingest(uri, cfg.preference, fmt)
     except FileNotFoundError as e:
@@ -219,34 +227,28 @@ def run_weekly(cfg: Config, uri: str, fmt: str, report: str | None, name: str | 
         rejected_report.write_text(result.report + "\n", encoding="utf-8")
         state.record(result.digest, name=name, source=uri, status="rejected", exit_code=EXIT_REJECTED)
         return EXIT_REJECTED
+    if champion_step(root, specs, last, cfg) is None:
+        print(f"eval_v{last} is not complete: running the iterations up to V{last} first", flush=True)
+        if run_pipeline(cfg, specs, title=f"weekly-{week}-v{last}", key_metrics=metrics) != 0:
+            return EXIT_FAILED
 
-    week = time.strftime("%G-W%V", time.gmtime())
-    iterations = state.read()["iterations"]
-    entry = next((it for it in iterations if it["digest"] == result.digest), None)
-    if entry is None:
-        specs = weekly_specs(cfg, iterations)
-        used = trained_in(root, specs, cfg, result.version)
-        if used:
-            print(f"batch {result.version} was already trained on by {used}: nothing to do")
-            state.record(result.digest, name=name, source=uri, status="done", exit_code=0)
-            return 0
-        last = iterations[-1]["iteration"] if iterations else cfg.rlhf.iterations
-        if champion_step(root, specs, last, cfg) is None:  # a fresh root, or last week's run failed
-            print(f"eval_v{last} is not complete: running the iterations up to V{last} first", flush=True)
-            if run_pipeline(cfg, specs, title=f"weekly-{week}-v{last}", key_metrics=metrics) != 0:
-                return EXIT_FAILED
-        entry = {"iteration": last + 1, "digest": result.digest, "source": uri, "name": name, "week": week,
-                 "store_version": result.version, "from": champion_step(root, specs, last, cfg),
-                 "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        data = state.read()
-        data["iterations"].append(entry)
-        state.write(data)
-        iterations = data["iterations"]
+    done = next((f"V{it['iteration']} (week {it['week']})" for it in iterations if it["digest"] == result.digest),
+                None) or trained_in(root, specs, cfg, result.version)
+    if done:  # everything up to V{last} is complete by now
+        print(f"batch {name} ({result.version}) was trained on in {done}: nothing to do")
+        state.record(result.digest, name=name, source=uri, status="done", exit_code=0)
+        return 0
+    entry = {"iteration": last + 1, "digest": result.digest, "source": uri, "name": name, "week": week,
+             "store_version": result.version, "from": champion_step(root, specs, last, cfg),
+             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    data = state.read()
+    data["iterations"].append(entry)
+    state.write(data)
     i = entry["iteration"]
     print(f"weekly run {week}: batch {name} ({result.version}) is iteration V{i}, starting from {entry['from']}",
           flush=True)
-    rc = run_pipeline(cfg, weekly_specs(cfg, iterations), title=f"weekly-{week}-v{i}", key_metrics=metrics)
-    if rc != 0:  # a failed step, or a cluster that refused the run: retried at the next check
+    rc = run_pipeline(cfg, weekly_specs(cfg, data["iterations"]), title=f"weekly-{week}-v{i}", key_metrics=metrics)
+    if rc != 0:  # a failed step, or a cluster that refused the run: the next run resumes it
         state.record(result.digest, name=name, source=uri, status="failed", iteration=i, exit_code=EXIT_FAILED)
         return EXIT_FAILED
     state.record(result.digest, name=name, source=uri, status="done", iteration=i, exit_code=result.exit_code)

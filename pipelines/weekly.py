@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REJECTED
     if args.ingest_only:
         return ingest_only(cfg, args)
-    root = store_root(cfg.run.output_dir, cfg.preference.store).parent  # the storage root, resolved
+    root = store_root(cfg.run.output_dir, "")  # the storage root, resolved as the preference store resolves it
     cfg.run.output_dir = str(root)  # absolute: Ray workers and the state file agree on it
     state = WeeklyState(root)
     if args.batch is not None:

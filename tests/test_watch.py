@@ -184,3 +184,17 @@ def test_watch_cli_pending_and_an_unreachable_landing_location(tmp_path):
     p = subprocess.run([sys.executable, "pipelines/weekly.py", "--watch", str(tmp_path / "nowhere"), "--once",
                         "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "landing location not found" in p.stderr
+
+
+def test_a_watcher_and_a_manual_run_at_the_same_moment_run_it_once(tmp_path):
+    from steps.preference_store import batch_digest
+
+    landing, state = tmp_path / "landing", WeeklyState(tmp_path / "out")
+    d = land(landing, "2026-W49")
+    start = Starter()
+    # `weekly.py --batch` holds the same lock for its whole run and records the outcome by digest
+    # (pipelines/weekly.py run_weekly); meanwhile the watcher's check finds the lock held
+    with state.lock():
+        assert check_once(str(landing), state, start).exit_code == EXIT_BUSY
+        state.record(batch_digest(str(d)), name="2026-W49", source=str(d), status="done", exit_code=0)
+    assert check_once(str(landing), state, start).batch is None and start.calls == []

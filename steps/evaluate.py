@@ -154,13 +154,17 @@ def run(ctx, model: Artifact, sft: Artifact, previous: Artifact, rm_helpfulness:
     metrics = {}
     metrics.update(compare(scores[name], scores["sft"], kinds, unseen, ecfg.bootstrap, "win_rate.vs_sft"))
     metrics.update(compare(scores[name], scores[prev_name], kinds, unseen, ecfg.bootstrap, "win_rate.vs_prev"))
-    # the champion rule: the ground-truth judge on the tiny preset, the reward models on real data
-    judged_by = "judge" if items is not None else "rm"
-    key = "helpfulness" if items is not None else "rm"
-    vs_champ = win_rate(scores[name][key], scores[champ][key], n_boot=ecfg.bootstrap)
-    metrics.update({f"win_rate.vs_champion.{judged_by}": vs_champ["rate"],
-                    f"win_rate.vs_champion.{judged_by}.lo": vs_champ["lo"],
-                    f"win_rate.vs_champion.{judged_by}.hi": vs_champ["hi"], "test_items": len(dialogues)})
+    # against the champion (the model the next version starts from) by both judges; the champion
+    # rule decides by the ground-truth judge on the tiny preset, by the reward models on real data
+    vs_champion = {"rm": win_rate(scores[name]["rm"], scores[champ]["rm"], n_boot=ecfg.bootstrap)}
+    if items is not None:
+        vs_champion["judge"] = win_rate(scores[name]["helpfulness"], scores[champ]["helpfulness"],
+                                        n_boot=ecfg.bootstrap)
+    for judged_by, r in vs_champion.items():
+        metrics.update({f"win_rate.vs_champion.{judged_by}": r["rate"], f"win_rate.vs_champion.{judged_by}.lo": r["lo"],
+                        f"win_rate.vs_champion.{judged_by}.hi": r["hi"]})
+    vs_champ = vs_champion["judge" if items is not None else "rm"]
+    metrics["test_items"] = len(dialogues)
     s = scores[name]
     if items is not None:
         metrics.update({"judge.helpfulness": float(s["helpfulness"].mean()), "judge.safety": float(s["safety"].mean()),

@@ -33,7 +33,7 @@ def _all_docs() -> list[tuple[str, dict[str, Any]]]:
 
 @functools.cache
 def _crd_schema(kind: str) -> dict[str, Any]:
-    plural = {"RayCluster": "rayclusters", "RayJob": "rayjobs"}[kind]
+    plural = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}[kind]
     text = (KUBERAY / "crds" / f"ray.io_{plural}.yaml").read_text()
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: seconds faster on 1-2 MB
     crd = next(d for d in yaml.load_all(text, Loader=loader) if d and d["kind"] == "CustomResourceDefinition")
@@ -66,8 +66,9 @@ def validate_kuberay(doc: dict[str, Any]) -> None:
     extra = [f for f in unknown_fields(doc, schema) if not f.startswith(".metadata.")]
     if extra:
         raise jsonschema.ValidationError(f"fields the {doc['kind']} CRD does not define: {extra}")
-    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
-    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+    spec = {"RayCluster": lambda s: s, "RayJob": lambda s: s.get("rayClusterSpec"),
+            "RayCronJob": lambda s: s["jobTemplate"].get("rayClusterSpec")}[doc["kind"]](doc["spec"])
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]] if spec else []:  # none: clusterSelector
         pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
                         "template": group["template"]}
         kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
@@ -102,7 +103,7 @@ def test_validators_reject_broken_manifests():
     bad_pod["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
     with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)):
         validate_kuberay(bad_pod)
-    cron = _docs(KUBERAY / "weekly-cronjob.yaml")[0]
+    cron = _docs(KUBERAY / "cronjob-weekly.yaml")[0]
     cron["spec"]["schedul"] = cron["spec"].pop("schedule")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(cron, K8S_VERSION, strict=True)
@@ -149,3 +150,69 @@ def test_names_the_manifests_share_agree():
         text = yaml.safe_dump(d)
         claims |= {line.split("claimName:")[1].strip() for line in text.splitlines() if "claimName:" in line}
     assert claims == {pvc["metadata"]["name"]}
+
+
+# ---------------------------------------------------------------- the weekly schedules
+def test_raycronjob_crd_is_vendored_from_the_same_tag():
+    head = (KUBERAY / "crds" / "ray.io_raycronjobs.yaml").read_text()[:600]
+    assert "tag v1.7.0" in head and "Apache License, Version 2.0" in head
+    assert _crd_schema("RayCronJob")["properties"]["spec"]["required"] == ["jobTemplate", "schedule"]
+
+
+def _weekly_schedules() -> dict[str, Any]:
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _all_docs()}
+    return {"rc": docs[("RayCluster", "llama2")], "raycron": docs[("RayCronJob", "llama2-weekly-rlhf")],
+            "cron": docs[("CronJob", "llama2-weekly-rlhf")]}
+
+
+def _cron_fields_valid(schedule: str) -> bool:
+    ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+    fields = schedule.split()
+    return len(fields) == 5 and all(f == "*" or (f.isdigit() and lo <= int(f) <= hi)
+                                    for f, (lo, hi) in zip(fields, ranges))
+
+
+def test_raycronjob_runs_one_shot_checks_on_the_long_lived_cluster():
+    s = _weekly_schedules()
+    job = s["raycron"]["spec"]["jobTemplate"]
+    # clusterSelector mode: the check runs on raycluster.yaml's cluster; nothing is created or deleted
+    assert job["clusterSelector"] == {"ray.io/cluster": s["rc"]["metadata"]["name"]}
+    assert "rayClusterSpec" not in job and not job.get("backoffLimit") and "shutdownAfterJobFinishes" not in job
+    assert {r["policy"] for r in job["deletionStrategy"]["deletionRules"]} == {"DeleteSelf"}
+    entry = job["entrypoint"].split()
+    assert entry[1].endswith("pipelines/weekly.py") and "--once" in entry
+    assert _cron_fields_valid(s["raycron"]["spec"]["schedule"])
+    broken = copy.deepcopy(s["raycron"])
+    broken["spec"]["jobTemplate"]["clusterSelectors"] = broken["spec"]["jobTemplate"].pop("clusterSelector")
+    with pytest.raises(jsonschema.ValidationError, match="clusterSelectors"):
+        validate_kuberay(broken)
+
+
+def test_cronjob_and_crontab_submit_one_check_per_batch_with_its_own_id():
+    import importlib.util
+    import shlex
+
+    s = _weekly_schedules()
+    pod = s["cron"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    script = pod["containers"][0]["args"][0]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert _cron_fields_valid(s["cron"]["spec"]["schedule"]) and s["cron"]["spec"]["concurrencyPolicy"] == "Forbid"
+    lines = [x for x in (ROOT / "infra" / "crontab").read_text().splitlines() if x.strip() and not x.startswith("#")]
+    assert len(lines) == 1 and _cron_fields_valid(" ".join(lines[0].split()[:5]))
+    raycron_args = s["raycron"]["spec"]["jobTemplate"]["entrypoint"].split()
+    landing = raycron_args[raycron_args.index("--watch") + 1]
+    assert env["LANDING"] == landing and landing in lines[0]  # one landing location for all three
+    for text in (script.replace('"$LANDING"', landing), lines[0]):
+        # first the pending batch's key, then a one-shot check of that batch only, submitted with an
+        # id derived from its arguments
+        assert "--pending" in text and "infra/submit.py" in text and "--no-wait" in text
+        submitted = shlex.split(text.split("infra/submit.py", 1)[1].split(";")[0].replace("\\\n", " "))
+        args = submitted[submitted.index("--") + 1:]
+        assert args[args.index("--watch") + 1] == landing and "--once" in args
+        assert args[args.index("--only") + 1] in ("$k", "$key")  # the key --pending printed
+    spec = importlib.util.spec_from_file_location("submit", ROOT / "infra" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    ids = {k: submit.submission_id("pipelines/weekly.py", ["--config", "7b", "--watch", landing, "--once", "--only", k])
+           for k in ("2026-W49@0123456789abcdef", "2026-W50@fedcba9876543210")}
+    assert len(set(ids.values())) == 2 and all(i.startswith("weekly-7b-") for i in ids.values())

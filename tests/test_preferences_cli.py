@@ -51,8 +51,8 @@ def test_weekly_ingest_only_exit_codes_and_reports(tmp_path):
     assert report.read_text().strip() == p.stdout.strip()
     assert snapshot(store_root) == before
 
-    p = weekly("--batch", str(good), "--output-dir", str(out))  # the weekly RLHF run: a later issue
-    assert p.returncode == 2 and "not available yet" in p.stderr
+    p = weekly("--batch", str(bad), "--output-dir", str(out), "preference.on_error=fail")  # the weekly run
+    assert p.returncode == 2 and "REJECTED" in p.stdout and not (out / "landing_v6").exists()  # nothing trained
     p = weekly("--batch", str(good), "--ingest-only", "--output-dir", str(out), "preference.on_error=sometimes")
     assert p.returncode == 2 and "preference.on_error" in p.stderr
     p = weekly("--batch", str(tmp_path / "nowhere"), "--ingest-only", "--output-dir", str(out))

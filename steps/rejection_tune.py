@@ -61,9 +61,12 @@ def _trial(config: dict, base: dict) -> None:
 
 
 def _child_run(client, ctx, temperature: float) -> str:
-    exp = client.get_run(ctx.mlflow_run_id).info.experiment_id
-    return client.create_run(exp, run_name=f"{ctx.step}/T={temperature}", tags={
-        "mlflow.parentRunId": ctx.mlflow_run_id, "stage": "rejection-tune", "step": ctx.step,
+    step_run = client.get_run(ctx.mlflow_run_id)
+    # trials carry the invocation's lineage (commit, Ray job, user) like every run of the pipeline
+    context = {k: v for k, v in step_run.data.tags.items()
+               if k.startswith(("git.", "ray.", "mlflow.user", "mlflow.source."))}
+    return client.create_run(step_run.info.experiment_id, run_name=f"{ctx.step}/T={temperature}", tags={
+        **context, "mlflow.parentRunId": ctx.mlflow_run_id, "stage": "rejection-tune", "step": ctx.step,
         "tune.temperature": str(temperature)}).info.run_id
 
 

@@ -23,11 +23,9 @@ the next one (the file names the last holder for diagnostics).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,7 +36,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from steps.preference_store import batch_digest
+from steps.preference_store import batch_digest, held_flock
 
 SUCCESS = "_SUCCESS"
 # exit status of one check (`--once`); 0, 3, 2 and 1 mean what they mean for `weekly.py --batch`
@@ -85,25 +83,10 @@ class WeeklyState:
     @contextmanager
     def lock(self, wait_s: float = 0.0) -> Iterator[None]:
         """Hold the storage root's weekly lock; Busy if another holder keeps it past `wait_s`."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                        raise Busy(f"another weekly run holds {self.dir / '.lock'} "
-                                   f"({holder or 'unknown holder'})") from None
-                    time.sleep(0.2)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since={_now()}\n".encode(), 0)
+        lock = self.dir / ".lock"
+        with held_flock(lock, wait_s, lambda holder: Busy(f"another weekly run holds {lock} ({holder})"),
+                        poll_s=0.2):
             yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the flock
 
 
 # ----------------------------------------------------------------------------- the landing location

@@ -29,7 +29,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,32 @@ class StoreBusy(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- reading a batch
+@contextmanager
+def held_flock(path: Path, wait_s: float, busy: Callable[[str], Exception], poll_s: float = 0.05) -> Iterator[None]:
+    """An exclusive flock on `path`, waiting up to `wait_s` seconds. The OS releases it when its
+    holder's descriptor closes, also when the holder crashes, so a dead holder never blocks the
+    next one. The holder writes who it is into the file; `busy(holder)` is raised when another
+    holder keeps it past `wait_s`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    raise busy(holder or "unknown holder") from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since={_now()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 @dataclass
 class CheckedBatch:
     """A batch read and validated, nothing written yet."""
@@ -298,25 +324,9 @@ class PreferenceStore:
 
     @contextmanager
     def lock(self, timeout_s: float) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                        raise StoreBusy(f"preference store {self.root} is locked by another ingest "
-                                        f"({holder or 'unknown holder'}) for over {timeout_s:.0f}s") from None
-                    time.sleep(0.05)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since={_now()}\n".encode(), 0)
+        with held_flock(self.root / ".lock", timeout_s, lambda holder: StoreBusy(
+                f"preference store {self.root} is locked by another ingest ({holder}) for over {timeout_s:.0f}s")):
             yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the flock
 
     # -- writing
     def ingest(self, uri: str, cfg: PreferenceConfig, fmt: str = "contract") -> IngestResult:

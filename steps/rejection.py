@@ -232,9 +232,12 @@ def resolve_teacher(ctx, teacher: str) -> tuple[Path, dict[str, str]]:
     tagged = client.get_run(version.run_id).data.tags.get("artifact_path") if version.run_id else None
     if tagged and (Path(tagged) / "model_config.json").exists():
         return Path(tagged), {**info, "teacher.path": tagged}
-    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(ctx.work_dir / "teacher"),
-                                                tracking_uri=ctx.tracking_uri)
-    return Path(local), {**info, "teacher.path": local}
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                     dst_path=str(ctx.work_dir / "teacher"),
+                                                     tracking_uri=ctx.tracking_uri))
+    if (local / "MLmodel").exists() and (local / "model" / "config.json").exists():
+        local = local / "model"  # an MLflow transformers model: the HF export sits in its model/ folder
+    return local, {**info, "teacher.path": str(local)}
 
 
 def sample_answers(sampler, tok, dialogues: list[Dialogue], params, batch_size: int) -> tuple[list[list[str]], int]:

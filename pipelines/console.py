@@ -3,8 +3,9 @@
 The console shows where the logs go (once), one line per step when it ends (cached or ran,
 seconds, key metrics), the lines a user must see from inside a step (an interrupted training
 resuming from its checkpoint), a failing step's error with the path of its log, and the final
-table. On a terminal, one status line shows the steps in flight and the training steps done
-(read from the step's MLflow run); to a file or pipe nothing is redrawn.
+table. On a terminal, one status line shows the steps in flight and how far each is: training
+steps (read from the step's MLflow run), rows (Ray Data's bar), answers sampled or PPO iterations
+(`[progress]` lines in the step's log); to a file or pipe nothing is redrawn.
 
 Everything else goes to files under `<output_dir>/logs/<invocation>/`:
     driver.log    this process's stdout and stderr (ray.init, MLflow, library warnings)
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from steps.engine.launch import STEP_LOG_ENV, output_to
+from steps.engine.launch import PROGRESS_PREFIX, output_to
 
 VERBOSE_ENV = "LLAMA2_VERBOSE"
 # Lines of a step's log repeated on the console: what a user must see (the engine's resume message).
@@ -48,17 +49,8 @@ def logged_step(log_file: str | None, *args: Any, **kwargs: Any) -> Any:
     worker process is reused by later steps, so the redirection and the variable end with it."""
     from pipelines.runner import execute_step
 
-    before = os.environ.get(STEP_LOG_ENV)
-    if log_file:
-        os.environ[STEP_LOG_ENV] = log_file
-    try:
-        with output_to(log_file):
-            return execute_step(*args, **kwargs)
-    finally:
-        if before is None:
-            os.environ.pop(STEP_LOG_ENV, None)
-        else:
-            os.environ[STEP_LOG_ENV] = before
+    with output_to(log_file):  # also names the log in STEP_LOG_ENV for the tasks the step starts
+        return execute_step(*args, **kwargs)
 
 
 def fmt_value(v: Any) -> str:
@@ -88,7 +80,8 @@ def bar(done: int, total: int, width: int = 20) -> str:
 
 @dataclass(frozen=True)
 class Progress:
-    """How far a step in flight is: training steps (its MLflow run) or rows (Ray Data's bar)."""
+    """How far a step in flight is: training steps (its MLflow run), rows (Ray Data's bar),
+    answers or iterations (its `[progress]` lines)."""
 
     done: int
     total: int | None
@@ -111,6 +104,15 @@ def status_line(elapsed: float, finished: int, total: int, running: list[str],
         parts.append(shown + (f" loss {p.loss:.3f}" if p.loss is not None else ""))
     line = f"[{elapsed:7.1f}s] {finished}/{total} steps | " + (" | ".join(parts) or "starting")
     return line if len(line) <= width else line[: max(width - 3, 0)] + "..."
+
+
+def step_progress(line: str) -> Progress | None:
+    """Answers (or other units) done of a step's sampling or iterations, from the line
+    steps/engine/launch.py:report_progress writes to the step's log: `[progress] 128/512 answers`."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+) (\w[\w ]*)", line[len(PROGRESS_PREFIX):].strip())
+    return Progress(int(m[1]), int(m[2]), m[3]) if m else None
 
 
 def ray_data_progress(line: str) -> Progress | None:
@@ -196,7 +198,7 @@ class Console:
         self._done: set[str] = set()
         self._status = ""
         self._progress: dict[str, Progress] = {}  # MLflow's, refreshed every PROGRESS_EVERY_S
-        self._rows: dict[str, Progress] = {}  # Ray Data's, from the step logs
+        self._rows: dict[str, Progress] = {}  # Ray Data's bars and [progress] lines, from the step logs
         self._progress_at = 0.0
         self.tty = False  # set on entering: the stream to look at may change there
 
@@ -295,8 +297,8 @@ class Console:
             for line in self._new_lines(name, path):
                 if NOTICE.match(line):
                     self.say(f"[{time.time() - self.started:7.1f}s] {name}: {line}")
-                elif self.tty and (rows := ray_data_progress(line)) is not None:
-                    self._rows[name] = rows
+                elif self.tty and (done := ray_data_progress(line) or step_progress(line)) is not None:
+                    self._rows[name] = done
         if self.tty:
             running = [r for r in running if r not in self._done and (self.dir / f"{r}.log").exists()]
             if self.progress is not None and time.time() - self._progress_at >= PROGRESS_EVERY_S:

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mlflow import MlflowClient
+
 from pipelines.artifacts import ArtifactStore
 from pipelines.config import Config
 from pipelines.console import Console, TrainingProgress
@@ -19,6 +21,7 @@ from pipelines.tracking import (
     RunLogger,
     Tracking,
     TrackingStoreError,
+    close_orphaned_runs,
     setup_experiment,
     start_pipeline_run,
     tracking_uri,
@@ -57,6 +60,8 @@ def _run(cfg: Config, chosen: list[StepSpec], store: ArtifactStore, console: Con
         return 2
     console.link_ray_logs()
     exp_id = setup_experiment(uri, cfg.run.experiment, store.root / "mlartifacts")
+    if orphans := close_orphaned_runs(MlflowClient(uri), exp_id):  # a killed invocation's runs
+        console.say(f"marked {len(orphans)} run(s) of a killed invocation KILLED in MLflow")
     parent = start_pipeline_run(Tracking(uri, exp_id), title, cfg.preset,  # e.g. full-tiny-2026-11-30T20:15
                                 {"pipeline": title, "preset": cfg.preset,
                                  "steps": ",".join(s.name for s in chosen)})

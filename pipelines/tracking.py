@@ -231,7 +231,56 @@ def start_pipeline_run(tracking: Tracking, title: str, preset: str, tags: dict[s
         name = f"{base}-{n}"
     year, week, _ = now.isocalendar()
     return start_run(tracking, name, {"started": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                      "iso_week": f"{year}-W{week:02d}", **tags})
+                                      "iso_week": f"{year}-W{week:02d}", **driver_tags(), **tags})
+
+
+# On the parent run: the driver process of the invocation, so that the next invocation can tell
+# a run left RUNNING by a killed driver (kill -9, a lost head node) from one still going.
+DRIVER_TAGS = ("driver.host", "driver.pid", "driver.started")
+
+
+def driver_tags() -> dict[str, str]:
+    import socket
+
+    import psutil
+
+    return {"driver.host": socket.gethostname(), "driver.pid": str(os.getpid()),
+            "driver.started": f"{psutil.Process().create_time():.2f}"}  # a reused pid has another start
+
+
+def _driver_alive(tags: dict[str, str]) -> bool:
+    import psutil
+
+    try:
+        return f"{psutil.Process(int(tags['driver.pid'])).create_time():.2f}" == tags["driver.started"]
+    except (psutil.Error, KeyError, ValueError):
+        return False
+
+
+def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs a killed invocation left RUNNING: parent runs whose driver ran on
+    this host and is gone, with every run nested under them (steps, Tune trials) still RUNNING;
+    each gets a tag saying so. Drivers on other hosts cannot be checked from here and are left
+    alone (a pipeline's driver runs on the head node, where the next invocation runs too).
+    Returns the ids of the closed parent runs."""
+    host = driver_tags()["driver.host"]
+    closed = []
+    for parent in client.search_runs([experiment_id], "attributes.status = 'RUNNING' and "
+                                     f"tags.`driver.host` = '{host}'", max_results=1000):
+        if _driver_alive(parent.data.tags):
+            continue
+        note = (f"closed by a later invocation: driver pid {parent.data.tags.get('driver.pid')} on {host} "
+                "was gone (killed) while this run was RUNNING")
+        todo = [parent.info.run_id]
+        while todo:
+            run_id = todo.pop()
+            todo += [r.info.run_id for r in client.search_runs(
+                [experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
+                max_results=1000)]
+            client.set_tag(run_id, "ended_by", note)
+            client.set_terminated(run_id, status="KILLED")
+        closed.append(parent.info.run_id)
+    return closed
 
 
 def link_cache_hit(client: MlflowClient, run_id: str, producer_run_id: str | None,

@@ -120,6 +120,7 @@ def best_of_k_answerer(model, tok, params, rm_dirs: dict[str, str], threshold: f
     from model.chat import encode_prompt
     from model.generate import TorchSampler
     from steps.gated_reward import gated_reward
+    from steps.engine.launch import report_progress
     from steps.rejection import RewardScorer
 
     sampler = TorchSampler(model, tok.eos_id, tok.pad_id)
@@ -135,6 +136,7 @@ def best_of_k_answerer(model, tok, params, rm_dirs: dict[str, str], threshold: f
             for i in range(0, len(samples), K):
                 texts.append([tok.decode(x.tokens).strip() for x in samples[i:i + K]])
                 done.append([x.finished for x in samples[i:i + K]])
+            report_progress(len(texts) * K, len(dialogues) * K, "answers")
         probs = {axis: sc.probs(dialogues, texts, K) for axis, sc in scorers.items()}
         reward = gated_reward(probs["helpfulness"], probs["safety"], np.zeros((len(dialogues), 1), bool), threshold)
         ranked = np.where(np.array(done), reward, reward - 10.0)  # rewards are probabilities: finished first

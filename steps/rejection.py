@@ -244,6 +244,7 @@ def sample_answers(sampler, tok, dialogues: list[Dialogue], params, batch_size: 
     """K answers per dialogue (text), `batch_size` prompts per generate call (each prefilled once,
     its K continuations sharing the prefill), and the number of tokens generated."""
     from model.chat import encode_prompt
+    from steps.engine.launch import report_progress
 
     answers: list[list[str]] = []
     tokens = 0
@@ -254,6 +255,7 @@ def sample_answers(sampler, tok, dialogues: list[Dialogue], params, batch_size: 
         for i in range(len(chunk)):
             answers.append([tok.decode(x.tokens).strip() for x in samples[i * params.num_samples:
                                                                             (i + 1) * params.num_samples]])
+        report_progress(len(answers) * params.num_samples, len(dialogues) * params.num_samples, "answers")
     return answers, tokens
 
 

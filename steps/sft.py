@@ -68,6 +68,7 @@ def model_answerer(model, tok, params, batch_size: int = 64, device=None):
     model's own device unless told otherwise."""
     from model.chat import encode_prompt
     from model.generate import TorchSampler
+    from steps.engine.launch import report_progress
 
     sampler = TorchSampler(model, tok.eos_id, tok.pad_id, device)
 
@@ -76,6 +77,7 @@ def model_answerer(model, tok, params, batch_size: int = 64, device=None):
         for i in range(0, len(dialogues), batch_size):
             chunk = [encode_prompt(tok, d) for d in dialogues[i:i + batch_size]]
             out += [(tok.decode(s.tokens).strip(), s.finished) for s in sampler.generate(chunk, params)]
+            report_progress(len(out), len(dialogues) * params.num_samples, "answers")
         return out
 
     return answer

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.console import Console, Progress, key_metrics_text, ray_data_progress, status_line, step_line
+from pipelines.console import (
+    Console,
+    Progress,
+    key_metrics_text,
+    ray_data_progress,
+    status_line,
+    step_line,
+    step_progress,
+)
 from steps.engine.launch import output_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +50,53 @@ def test_rows_come_from_ray_datas_progress_lines_in_the_step_log():
     assert ray_data_progress(line.replace('"pos": 0', '"pos": 2')) is None  # an operator's bar
     assert ray_data_progress("2026-11-30 pipelines INFO data running") is None
     assert ray_data_progress(line[:60]) is None  # cut short
+
+
+def test_sampling_in_a_step_reports_answers_done_to_the_status_line(tmp_path, monkeypatch, capfd):
+    """The rejection-sampling loop, on a real (tiny, untrained) model and tokenizer, inside the
+    step-log redirection a pipeline step runs in: its [progress] lines reach the log, the console
+    reads them, and nothing is printed outside a step."""
+    import torch
+
+    from model.chat import Dialogue, Turn
+    from model.config import ModelConfig
+    from model.generate import SamplingParams, TorchSampler
+    from model.llama import Transformer
+    from steps.rejection import sample_answers
+    from tests.conftest import train_tiny_tokenizer
+
+    monkeypatch.delenv("LLAMA2_VERBOSE", raising=False)
+    monkeypatch.delenv("LLAMA2_STEP_LOG", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    tok = train_tiny_tokenizer(tmp_path / "sp", "what is the capital of two plus three seven hello thanks")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                                    multiple_of=16, max_seq_len=64)).eval()
+    sampler = TorchSampler(model, tok.eos_id, tok.pad_id)
+    dialogues = [Dialogue([Turn("user", f"what is {a} plus three")]) for a in ("two", "seven", "hello")]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, num_samples=2, seed=0)
+
+    err = Terminal()
+    with Console(tmp_path / "out", total=2, out=io.StringIO(), err=err) as console:
+        log = console.step_log("rs_v1")
+        with output_to(log):
+            answers, _ = sample_answers(sampler, tok, dialogues, params, batch_size=2)
+        assert [len(a) for a in answers] == [2, 2, 2]
+        lines = [x for x in Path(log).read_text().splitlines() if x.startswith("[progress]")]
+        assert lines == ["[progress] 4/6 answers", "[progress] 6/6 answers"]  # one per batch of 2 prompts
+        console.poll(["rs_v1"])
+        assert "rs_v1 [####################] 6/6 answers" in err.getvalue().split("\r\x1b[K")[-1]
+    assert os.environ.get("LLAMA2_STEP_LOG") is None  # the redirection gave the variable back
+    capfd.readouterr()
+    sample_answers(sampler, tok, dialogues, params, batch_size=2)
+    assert "[progress]" not in capfd.readouterr().out  # outside a step: no progress lines
+
+
+def test_step_progress_lines_parse():
+    assert step_progress("[progress] 128/512 answers") == Progress(128, 512, "answers")
+    assert step_progress("[progress] 3/15 iterations\n") == Progress(3, 15, "iterations")
+    assert step_progress("[progress] 3/ iterations") is None
+    assert step_progress("[ppo] resumed at iteration 5 of 15") is None
 
 
 def test_output_to_sends_process_level_output_to_the_file_and_restores_it(tmp_path, capfd):

@@ -271,6 +271,12 @@ def test_interrupted_training_resumed_from_its_checkpoint(tiny_run):
     before = next(r for r in children[parents[0].info.run_id] if r.data.tags.get("step") == killed.step)
     assert max(m.step for m in client.get_metric_history(before.info.run_id, "train/loss")) >= ckpt_step
     assert latest(out, killed.step).metrics.get("steps") == max(logged)  # it trained to the end
+    # the next invocation closed what the killed one left RUNNING, the interrupted step's run included
+    assert parents[0].info.status == before.info.status == "KILLED", (parents[0].info.status, before.info.status)
+    assert "was gone" in before.data.tags["ended_by"]
+    assert not [r.info.run_name for r in client.search_runs([parents[0].info.experiment_id],
+                                                              "attributes.status = 'RUNNING'")]
+    assert "run(s) of a killed invocation KILLED" in tiny_run[1].stdout + tiny_run[1].stderr
 
 
 @pytest.mark.e2e

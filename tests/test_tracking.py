@@ -5,6 +5,7 @@ and generate / score, and training workers log system metrics."""
 
 import json
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipelines.tracking import (
     PRODUCER_TAG,
     RunLogger,
     Tracking,
+    close_orphaned_runs,
     git_state,
     pipeline_run_name,
     setup_experiment,
@@ -95,6 +97,39 @@ def test_parent_runs_get_distinct_dated_names(store):
     names = [r.info.run_name for r in runs]
     assert len(set(names)) == 3 and all(n.startswith("full-tiny-20") for n in names), names
     assert all(r.data.tags["iso_week"].startswith("20") and "-W" in r.data.tags["iso_week"] for r in runs)
+
+
+KILLED_DRIVER = """
+import os, sys
+from pipelines.tracking import Tracking, start_pipeline_run, start_run
+uri, exp = sys.argv[1], sys.argv[2]
+parent = start_pipeline_run(Tracking(uri, exp), "full", "tiny", {})
+step = start_run(Tracking(uri, exp, parent), "rs_v1", {"step": "rs_v1"})
+start_run(Tracking(uri, exp, step), "trial_0", {})
+print(parent, step, flush=True)
+os.kill(os.getpid(), 9)  # a driver killed in the middle of the DAG
+"""
+
+
+def test_a_killed_invocations_runs_are_closed_by_the_next_and_live_ones_kept(store):
+    tracking = make_tracking(store, "orphans")
+    p = subprocess.run([sys.executable, "-c", KILLED_DRIVER, tracking.uri, tracking.experiment_id], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    dead_parent, dead_step = p.stdout.split()
+    live = start_pipeline_run(tracking, "full", "tiny", {})  # this process: a driver still running
+    client = tracking.client()
+    elsewhere = start_pipeline_run(tracking, "full", "tiny", {})  # a driver on another host: unknowable
+    client.set_tag(elsewhere, "driver.host", "another-head-node")
+    assert client.get_run(dead_step).info.status == "RUNNING"
+
+    assert close_orphaned_runs(client, tracking.experiment_id) == [dead_parent]
+    runs = client.search_runs([tracking.experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["rs_v1"] == status["trial_0"] == client.get_run(dead_parent).info.status == "KILLED"
+    assert client.get_run(live).info.status == client.get_run(elsewhere).info.status == "RUNNING"
+    assert "was gone" in client.get_run(dead_step).data.tags["ended_by"]
+    assert close_orphaned_runs(client, tracking.experiment_id) == []  # nothing left to close
 
 
 # ---------------------------------------------------------------- cache hits

@@ -27,6 +27,7 @@ from steps.engine.worker import train_loop
 # runs (pipelines/console.py): the step's Ray Train workers and worker tasks write there too, so
 # DeepSpeed's info logs, deprecation warnings and Ray Train's per-report lines stay off the console.
 STEP_LOG_ENV = "LLAMA2_STEP_LOG"
+PROGRESS_PREFIX = "[progress] "  # a step's progress line (report_progress)
 
 
 @contextmanager
@@ -37,6 +38,8 @@ def output_to(path: str | None) -> Iterator[None]:
     if not path:
         yield
         return
+    before = os.environ.get(STEP_LOG_ENV)
+    os.environ[STEP_LOG_ENV] = path  # report_progress writes here; the worker process outlives the step
     sys.stdout.flush()
     sys.stderr.flush()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # append: ranks share the file
@@ -52,6 +55,19 @@ def output_to(path: str | None) -> Iterator[None]:
         os.dup2(saved[1], 2)
         for f in (*saved, fd):
             os.close(f)
+        if before is None:
+            os.environ.pop(STEP_LOG_ENV, None)
+        else:
+            os.environ[STEP_LOG_ENV] = before
+
+
+def report_progress(done: int, total: int, unit: str) -> None:
+    """`[progress] 128/512 answers` in the step's log, which the console's status line reads
+    (pipelines/console.py) as it reads Ray Data's bar. Outside a pipeline step (no step log:
+    benchmarks, tests, a plain function call) it prints nothing."""
+    if os.environ.get(STEP_LOG_ENV):
+        sys.stdout.flush()  # at the file-descriptor level, where output_to sends fd 1 to the log
+        os.write(1, f"{PROGRESS_PREFIX}{done}/{total} {unit}\n".encode())
 
 
 def _logged_train_loop(config: dict) -> None:

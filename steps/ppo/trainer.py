@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
+from steps.engine.launch import report_progress
 from steps.gated_reward import gated_reward, logit, whiten
 from steps.ppo.config import PPOConfig
 from steps.ppo.losses import EarlyStopping, explained_variance, gae, masked_whiten, token_rewards
@@ -245,6 +246,7 @@ def run_ppo(policy_dir, rm_helpfulness_dir, rm_safety_dir, prompts: list[tuple[s
             row.update({"time.rollout": ro["time.rollout"], "time.score": ro["time.score"],
                         "time.update": time.time() - t2})
             history.append(row)
+            report_progress(it + 1, cfg.iterations, "iterations")
             if log:
                 log({k: v for k, v in row.items() if k != "iteration"}, it + 1)
             if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:

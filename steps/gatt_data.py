@@ -119,8 +119,8 @@ def best_of_k_answerer(model, tok, params, rm_dirs: dict[str, str], threshold: f
     returns the rewards of the first and of the chosen answer per call, for the step's log."""
     from model.chat import encode_prompt
     from model.generate import TorchSampler
-    from steps.gated_reward import gated_reward
     from steps.engine.launch import report_progress
+    from steps.gated_reward import gated_reward
     from steps.rejection import RewardScorer
 
     sampler = TorchSampler(model, tok.eos_id, tok.pad_id)

@@ -2,14 +2,17 @@
 
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -159,3 +162,61 @@ def latest(out: Path, step: str):
     return max(arts, key=lambda a: a.path.stat().st_mtime)
 
 
+
+
+# ------------------------------------------------------------------ the weekly rerun (V6), shared
+def vendor_batch(batch_dir: Path, name: str, n: int = 300, seed: int = 0) -> list[dict]:
+    """A vendor's delivery on the demo world's train prompts, labelled by the simulated vendor's
+    own function (steps/annotate.label: the judge's score gap, 10% label noise): for each prompt
+    the reference answer against a worse one (world.preference_pair). Pair ids carry the batch
+    name, so none was ever ingested; `_SUCCESS` is written last."""
+    from steps.annotate import label, write_batch
+    from steps.world import World
+
+    world, rng = World(seed), random.Random(f"weekly-{name}")
+    items = rng.sample(world.items("train"), n)
+    first, second = [], []
+    for it in items:
+        chosen, worse, _ = world.preference_pair(it, rng)
+        first.append((chosen, "reference"))
+        second.append((worse, "degraded"))
+    rows, _ = label(items, first, second, 0.1, rng, f"vendor-{name}")
+    write_batch(batch_dir, rows, datetime(2026, 11, 30, tzinfo=UTC))
+    return rows
+
+
+def weekly(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipelines/weekly.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800)
+
+
+def artifacts(out: Path) -> dict[str, set[str]]:
+    return {d.name: {p.name for p in d.iterdir() if (p / "manifest.json").exists()}
+            for d in out.iterdir() if d.is_dir() and any(d.glob("*/manifest.json"))}
+
+
+@dataclass
+class WeeklyRun:
+    """The shared run's week after: a second vendor batch landed and `weekly.py --watch --once` ran."""
+
+    out: Path
+    landing: Path
+    rows: list[dict]  # the batch's pairs
+    earlier_pair_ids: set[str]  # pairs ingested before it (V1..V5)
+    before: dict[str, set[str]]  # artifacts before the weekly run
+    process: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def tiny_week6(tiny_run, tmp_path_factory) -> WeeklyRun:
+    """V6 on top of the shared tiny run, once per session: the weekly test asserts on it and the
+    MLflow UI test then compares V1..V6 (pytest-timeout counts this set-up in the first test
+    that asks for it: ~5 min on 2 cores)."""
+    out = tiny_run.out
+    landing = tmp_path_factory.mktemp("landing")
+    rows = vendor_batch(landing / "2026-W49", "2026-W49")
+    earlier = set(pq.read_table(latest(out, "prefs_v5").file("pairs.parquet"), columns=["pair_id"])
+                  .column("pair_id").to_pylist())
+    before = artifacts(out)
+    p = weekly("--watch", str(landing), "--once", "--output-dir", str(out))
+    return WeeklyRun(out, landing, rows, earlier, before, p)

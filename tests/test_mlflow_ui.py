@@ -1,7 +1,7 @@
-"""What a person sees in the MLflow UI of a finished tiny run, checked on the page Chromium
-renders (headless, Debian's package: scripts/setup.sh installs it), not on the REST API: the
-experiment lists the pipeline's parent run with its nested stage runs, the RLHF versions' eval
-runs compare side by side, and the chat model's registry page shows its aliases. Screenshots go
+"""What a person sees in the MLflow UI of a finished tiny run and its weekly rerun (V6), checked
+on the page Chromium renders (headless, Debian's package: scripts/setup.sh installs it), not on
+the REST API: the experiment lists the pipeline's parent run with its nested stage runs, the RLHF
+versions' eval runs V1..V6 compare side by side, and the chat model's registry page shows its aliases. Screenshots go
 to test-artifacts/mlflow-ui/ (gitignored) for a person to look at.
 
 Chromium is driven over the DevTools protocol with a small stdlib websocket client (no
@@ -28,7 +28,8 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# the first test also waits for the shared run's weekly V6 (tests/conftest.py tiny_week6)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(4800)]
 
 SHOTS = REPO / "test-artifacts" / "mlflow-ui"
 EXPERIMENT = "llama2-tiny"
@@ -253,8 +254,9 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(tiny_run, tmp_path_factory):
-    server = MlflowUI(tiny_run.out, tmp_path_factory.mktemp("mlflow-ui"))
+def ui(tiny_week6, tmp_path_factory):
+    # after the weekly rerun (V6 on a second batch): the page shows V1..V6, as a user sees it next week
+    server = MlflowUI(tiny_week6.out, tmp_path_factory.mktemp("mlflow-ui"))
     yield server
     server.close()
 
@@ -323,7 +325,7 @@ def check_eval_runs_compare_side_by_side(browser: Browser, url: str, out: Path) 
                     key=lambda r: r.info.start_time):
         if r.info.run_name.startswith("eval_v") and "win_rate.vs_sft.judge" in r.data.metrics:
             evals[r.info.run_name] = r  # the newest run of each version that computed it
-    names = [f"eval_v{i}" for i in range(1, 6)]
+    names = [f"eval_v{i}" for i in range(1, 7)]  # V1..V5 and the weekly V6
     assert set(names) <= set(evals), sorted(evals)
     ids = [evals[n].info.run_id for n in names]
     query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id])})
@@ -337,7 +339,7 @@ def check_eval_runs_compare_side_by_side(browser: Browser, url: str, out: Path) 
     browser.screenshot("compare-eval-runs")
     values = [float(c) for c in row[1:] if c.replace(".", "", 1).isdigit()]
     want = [evals[n].data.metrics["win_rate.vs_sft.judge"] for n in names]
-    # the box shows the first four or five columns; every value shown is one of the five versions'
+    # the box shows the first four or five columns; every value shown is one of the six versions'
     assert len(values) >= 4, row
     assert all(any(abs(v - w) < 5e-3 for w in want) for v in values), (row, want)
 
@@ -394,5 +396,5 @@ def test_rlhf_versions_eval_runs_compare_side_by_side(tiny_run, ui, browser):
 
 
 def test_registry_page_shows_the_chat_model_aliases(tiny_run, ui, browser):
-    required = {"sft", "champion", *(f"rlhf-v{i}" for i in range(1, 6))}
+    required = {"sft", "champion", *(f"rlhf-v{i}" for i in range(1, 7))}
     check_registry_shows_aliases(browser, ui.url, tiny_run.out, required)

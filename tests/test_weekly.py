@@ -1,54 +1,19 @@
 """The weekly rerun: the DAG of a weekly iteration (fast), and end to end a second vendor batch
 dropped into a landing location becoming V6 on top of the shared tiny run (tests/conftest.py
-`tiny_run`), with no manual step and nothing before it recomputed; a second check does nothing.
+`tiny_run`; the weekly run itself is the session fixture `tiny_week6`, which the MLflow UI test
+shares), with no manual step and nothing before it recomputed; a second check does nothing.
 The watcher's decisions are unit-tested in tests/test_watch.py."""
 
 from __future__ import annotations
 
 import json
-import random
-import subprocess
-import sys
-from datetime import UTC, datetime
-from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, latest
+from tests.conftest import artifacts, latest, weekly
 
 V6_STEPS = ("landing_v6", "prefs_v6", "rm_helpfulness_v6", "rm_safety_v6", "rs_v6", "eval_v6")
-
-
-def vendor_batch(batch_dir: Path, name: str, n: int = 300, seed: int = 0) -> list[dict]:
-    """A vendor's delivery on the demo world's train prompts, labelled by the simulated vendor's
-    own function (steps/annotate.label: the judge's score gap, 10% label noise): for each prompt
-    the reference answer against a worse one (world.preference_pair). Pair ids carry the batch
-    name, so none was ever ingested; `_SUCCESS` is written last."""
-    from steps.annotate import label, write_batch
-    from steps.world import World
-
-    world, rng = World(seed), random.Random(f"weekly-{name}")
-    items = rng.sample(world.items("train"), n)
-    first, second = [], []
-    for it in items:
-        chosen, worse, _ = world.preference_pair(it, rng)
-        first.append((chosen, "reference"))
-        second.append((worse, "degraded"))
-    rows, _ = label(items, first, second, 0.1, rng, f"vendor-{name}")
-    write_batch(batch_dir, rows, datetime(2026, 11, 30, tzinfo=UTC))
-    return rows
-
-
-def weekly(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipelines/weekly.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=1800)
-
-
-def artifacts(out: Path) -> dict[str, set[str]]:
-    return {d.name: {p.name for p in d.iterdir() if (p / "manifest.json").exists()}
-            for d in out.iterdir() if d.is_dir() and any(d.glob("*/manifest.json"))}
 
 
 def test_weekly_iterations_continue_the_dag_and_keep_their_fingerprints_in_later_weeks():
@@ -80,16 +45,10 @@ def test_weekly_iterations_continue_the_dag_and_keep_their_fingerprints_in_later
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(4800)  # the first e2e test to use the shared run waits for the whole tiny DAG
-def test_a_second_batch_in_the_landing_location_becomes_v6_end_to_end(tiny_run, tmp_path):
-    out, _, _ = tiny_run
-    landing = tmp_path / "landing"
-    rows = vendor_batch(landing / "2026-W49", "2026-W49")
-    earlier = set(pq.read_table(latest(out, "prefs_v5").file("pairs.parquet"), columns=["pair_id"])
-                  .column("pair_id").to_pylist())
+def test_a_second_batch_in_the_landing_location_becomes_v6_end_to_end(tiny_week6):
+    out, landing, p = tiny_week6.out, tiny_week6.landing, tiny_week6.process
+    rows, earlier, before = tiny_week6.rows, tiny_week6.earlier_pair_ids, tiny_week6.before
     assert not earlier & {r["pair_id"] for r in rows}  # a new batch, not a copy of an ingested one
-    before = artifacts(out)
-
-    p = weekly("--watch", str(landing), "--once", "--output-dir", str(out))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "2026-W49: done (exit 0)" in p.stdout and "is iteration V6, starting from" in p.stdout
 

@@ -292,7 +292,8 @@ def test_clean_batch_keeps_every_document_with_a_reason():
 
 
 def test_vectorised_ngram_measures_equal_the_counter_definitions():
-    """NgramStats (numpy) gives exactly the values of the Counter-based definitions, ties included."""
+    """NgramStats (numpy) gives exactly the values of the Counter-based definitions, ties included,
+    and the duplicated n-gram fraction never rises with n (what lets gopher_repetition stop early)."""
     from steps.data.clean import NgramStats, _dup_ngram_chars, _top_ngram_chars
 
     rng = random.Random(7)
@@ -305,12 +306,16 @@ def test_vectorised_ngram_measures_equal_the_counter_definitions():
         stats = NgramStats(words, len(text))
         assert [stats.top(n) for n in (2, 3, 4)] == [_top_ngram_chars(words, n, total) for n in (2, 3, 4)]
         assert [stats.dup(n) for n in range(5, 11)] == [_dup_ngram_chars(words, n) / total for n in range(5, 11)]
+        dups = [stats.dup(n) for n in range(5, 11)]  # gopher_repetition stops early on this
+        assert all(a >= b for a, b in zip(dups, dups[1:])), "duplicated n-gram fractions fall with n"
 
 
-@pytest.mark.parametrize("text", ["a1 22 __ ... ¿qué? 3.14 x_1 foo\x1cbar ½ ² ٣ 漢字 -- ok.", LONG_GOOD, GOOD])
+@pytest.mark.parametrize("text", ["a1 22 __ ... ¿qué? 3.14 x_1 foo\x1cbar ½ ² ٣ 漢字 -- ok.", LONG_GOOD, GOOD,
+                                  "- | -\n-- 12 • §\t¶ ...\u2028… _ x", "|"])
 def test_non_alpha_and_symbol_words_by_regex_match_the_per_word_tests(text):
-    from steps.data.clean import SYMBOL_WORD, _non_alpha_words
+    from steps.data.clean import NON_ALPHA_WORD, _non_alpha_count, symbol_only
 
     words = text.split()
-    assert _non_alpha_words(text) == sum(1 for w in words if not any(c.isalpha() for c in w))
-    assert len(SYMBOL_WORD.findall(text)) == sum(1 for w in words if not any(c.isalnum() for c in w))
+    letterless = NON_ALPHA_WORD.findall(f" {text} ")
+    assert _non_alpha_count(text, letterless) == sum(1 for w in words if not any(c.isalpha() for c in w))
+    assert symbol_only(letterless) == [w for w in words if not any(c.isalnum() for c in w)]

@@ -24,7 +24,10 @@ Made equal:
   without spaces, so "ab c" and "a bc" match: the benchmark replaces it with our measure, the
   vectorised one, so datatrove pays no more for it than we do);
 - every other detail the papers leave open follows datatrove on our side (steps/data/clean.py's
-  docstring lists them);
+  docstring lists them). One known residue: a "symbol-only word" (not counted as a word by
+  Gopher) is, for us, a word without a letter or digit; datatrove uses a fixed list of ASCII,
+  Latin-1 and common Unicode punctuation, so a word such as "→" or an emoji counts as a word
+  there only (none in this corpus: both sides pass the same 16,260 documents, 2026-11-30);
 - MinHash: datatrove's signature step computes its shingles with our function (normalised words,
   5-grams, 32-bit hashes) and its permutations are ours (20 bands x 5 rows, 32-bit), so both
   sides compute bit-identical signatures and the same bucket collisions;

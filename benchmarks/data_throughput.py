@@ -16,6 +16,18 @@ Made equal:
 - C4's lorem-ipsum and curly-bracket rules drop the page when the page contains them, as the
   paper says (datatrove checks only lines that survived its line filter: a subclass checks the
   page first);
+- C4's "end quotation mark" ends a line whether straight or curly (datatrove's END_PUNCTUATION
+  lacks ” and ’: the benchmark gives it ours);
+- Gopher's duplicated n-grams: the characters of every occurrence of an n-gram that occurs more
+  than once, a character covered by overlapping ones counted once, as the paper says (datatrove's
+  find_all_duplicate skips the first occurrence, steps n words past each repeat and joins words
+  without spaces, so "ab c" and "a bc" match: the benchmark replaces it with our measure, the
+  vectorised one, so datatrove pays no more for it than we do);
+- every other detail the papers leave open follows datatrove on our side (steps/data/clean.py's
+  docstring lists them). One known residue: a "symbol-only word" (not counted as a word by
+  Gopher) is, for us, a word without a letter or digit; datatrove uses a fixed list of ASCII,
+  Latin-1 and common Unicode punctuation, so a word such as "→" or an emoji counts as a word
+  there only (none in this corpus: both sides pass the same 16,260 documents, 2026-11-30);
 - MinHash: datatrove's signature step computes its shingles with our function (normalised words,
   5-grams, 32-bit hashes) and its permutations are ours (20 bands x 5 rows, 32-bit), so both
   sides compute bit-identical signatures and the same bucket collisions;
@@ -154,6 +166,7 @@ def datatrove_pipeline(corpus: str, out: str, workers: int) -> None:
     from datatrove.utils.hashing import HashConfig
 
     _same_tokenization()
+    _paper_rules()
     mh = MinhashConfig(n_grams=NGRAM, num_buckets=BANDS, hashes_per_bucket=ROWS, hash_config=HashConfig(precision=32))
     signature = _same_minhash(MinhashDedupSignature(output_folder=f"{out}/sigs", config=mh))
     # fork: workers inherit the patches above (the default forkserver would start them without)
@@ -179,6 +192,25 @@ def _same_tokenization() -> None:
 
     gq.split_into_words = gr.split_into_words = lambda text, language=None: text.split()
     c4.split_into_sentences = lambda text, language=None: [""] * max(1, len(SENTENCE_END.findall(text)))
+
+
+def _paper_rules() -> None:
+    """datatrove's C4 end quotation marks and Gopher duplicated n-grams as the papers define them
+    (see the module docstring), computed by our functions."""
+    import datatrove.pipeline.filters.c4_filters as c4
+    import datatrove.pipeline.filters.gopher_repetition_filter as gr
+
+    from steps.data.clean import TERMINAL_PUNCT, NgramStats
+
+    c4.END_PUNCTUATION = TERMINAL_PUNCT
+    last: list = [None, None]  # the filter asks for n = 5..10 on one word list: build its n-grams once
+
+    def covered_chars(words: list[str], n: int) -> float:
+        if last[0] is not words:
+            last[:] = [words, NgramStats(words, 1)]  # total 1: the covered characters themselves
+        return last[1].dup(n)
+
+    gr.find_all_duplicate = covered_chars
 
 
 def _paper_c4():

@@ -60,6 +60,29 @@ def test_c4_removes_citation_markers():
     assert reason == "" and "[3]" not in kept and "citation needed" not in kept and "built in 1820." in kept
 
 
+def test_c4_citation_details_follow_tfds():
+    """Open in the paper; as TFDS's c4_utils and datatrove: words are counted before the markers go
+    ("[1] Built it." keeps 3 words), the line is not stripped again (a trailing marker after a
+    space leaves no terminal punctuation), "[]" is a marker, and "[Edit]" (capitalised) is not."""
+    kept = c4_lines(GOOD + "\n[1] Built it.\nIt still stands. [2]\nThe gate fell.[]\nIt was rebuilt.[Edit]\n" + GOOD,
+                    Q)[0]
+    assert "\n Built it.\n" in kept and "It still stands." not in kept
+    assert "The gate fell." in kept and "rebuilt" not in kept
+
+
+@pytest.mark.parametrize("end", ['"', "'", "”", "’"])
+def test_c4_end_quotation_marks_end_a_line(end):
+    line = f"He said that the bridge would stand for a hundred years.{end}"
+    assert line in c4_lines(GOOD + "\n" + line + "\n" + GOOD, Q)[0]
+
+
+def test_c4_lines_are_splitlines():
+    """A carriage return or a Unicode line separator ends a line, as in str.splitlines."""
+    for sep in ("\r\n", "\r", "\u2028"):
+        kept = c4_lines(sep.join([GOOD, "Menu Home About Contact", GOOD]), Q)[0]
+        assert "Menu" not in kept and kept.count("The river runs") == 2
+
+
 # ----------------------------------------------------------------------------- Gopher quality
 @pytest.mark.parametrize("text, reason, value", [
     ("the and of to " * 3, "gopher_too_few_words", 12),
@@ -84,6 +107,38 @@ def test_gopher_too_many_words():
     assert gopher_quality(LONG_GOOD, QualityConfig(min_words=20, max_words=100))[0] == "gopher_too_many_words"
 
 
+def test_gopher_words_made_of_symbols_do_not_count():
+    """Open in the paper; as datatrove: "-", "|", "..." are not words for the count and the mean
+    length (they still count for the symbol and alphabetic ratios)."""
+    words = GOOD.split()[:19]
+    assert gopher_quality(" ".join(words), Q) == ("gopher_too_few_words", 19.0)
+    assert gopher_quality(" - ".join(words) + " |", Q) == ("gopher_too_few_words", 19.0)
+    text = " ".join(GOOD.split()[:30] + ["--", "|", "•"] * 20)
+    assert gopher_quality(text, Q)[0] == "gopher_alpha_words"  # not gopher_mean_word_length (1-2 chars)
+
+
+def test_gopher_stop_words_are_case_sensitive():
+    """The paper lists the words in lower case; as datatrove, "The" and "AND" are not them."""
+    text = ("The river runs through old town. And bridge connects halves market. People crossed goods many "
+            "centuries. Stones show wear long history. Evening lamps lit, water reflects light houses.")
+    assert gopher_quality(text, Q) == ("gopher_stop_words", 0.0)
+    assert gopher_quality(text.replace("And", "and").replace("The", "the"), Q) == ("", 0.0)
+
+
+def test_gopher_bullets_and_blank_lines():
+    """Bullets are "•" and "-" (as datatrove); blank lines are lines for both line ratios."""
+    items = [f"{{}} gather lantern number {i} with the baskets and candles" for i in range(10)]
+    assert gopher_quality("\n".join(i.format("•") for i in items), Q)[0] == "gopher_bullet_lines"
+    assert gopher_quality("\n".join(i.format("*") for i in items), Q)[0] == ""
+    assert gopher_quality("\n\n".join(i.format("-") for i in items), Q)[0] == ""  # 10 of 19 lines
+
+
+def test_gopher_alpha_words_use_isalpha():
+    """"½", "²" are word characters but not letters: a word of them has no alphabetic character."""
+    text = " ".join(GOOD.split()[:30] + ["½", "²³", "Ⅻ"] * 4)  # 30 words of 42 alphabetic: 0.714
+    assert gopher_quality(text, Q)[0] == "gopher_alpha_words"
+
+
 # ----------------------------------------------------------------------------- Gopher repetition
 def _para(seed):
     return page(random.Random(seed), 40).replace("\n", " ")
@@ -97,15 +152,22 @@ def _filler(*seeds):
     return " ".join(w for s in seeds for w in _para(s).split())
 
 
+def _interleave(gram, times, between):
+    """`gram` `times` times with `between` different filler words after each."""
+    filler = _filler(3, 4, 5, 6).split()
+    return " ".join(w for i in range(times) for w in gram.split() + filler[i * between:(i + 1) * between])
+
+
 REPETITION = {  # rule -> text breaking it (and no rule checked before it)
     "gopher_dup_para_fraction": "\n\n".join([_para(1)] * 4 + [_para(i) for i in range(2, 6)]),  # 3/8 repeat
     "gopher_dup_para_char_fraction": "\n\n".join([_para(1)] * 2 + [_short(i) for i in range(2, 5)]),
     "gopher_dup_line_fraction": "\n".join(["Fresh bread every day."] * 5 + [f"Line {i} of the menu." for i in range(6)]),
     "gopher_dup_line_char_fraction": "\n".join([_para(1)] * 2 + [_short(i) for i in range(2, 5)]),
     "gopher_top_2gram": " ".join(["cheap flights"] * 15 + _para(3).split()),
-    # five-letter words: the 3-gram (15 chars x 15) passes 0.18 while its 2-grams stay under 0.20
-    "gopher_top_3gram": " ".join(["alpha bravo charl"] * 15) + " " + _filler(3, 4, 5, 6),
-    "gopher_top_4gram": " ".join(["alpha bravo charl delta"] * 10) + " " + _filler(3, 4, 5, 6),
+    # five-letter words with other words between the repeats: the 3-gram (17 chars x 15 of 976)
+    # passes 0.18 while its 2-grams (11 x 15) stay under 0.20 and no 4-gram repeats
+    "gopher_top_3gram": _interleave("alpha bravo charl", 15, 9),
+    "gopher_top_4gram": _interleave("alpha bravo charl delta", 10, 14),  # 23 x 10 of 977
     "gopher_dup_5gram": " ".join(_para(1).split()[:30] + _para(2).split() + _para(1).split()[:30] + _para(3).split()),
 }
 
@@ -122,6 +184,33 @@ def test_gopher_dup_ngram_thresholds_fall_with_n():
     words = _para(1).split()[:12]
     text = " ".join(words + _para(2).split() + _para(5).split() + words)  # 12-word passage said twice
     assert gopher_repetition(text, q)[0] == "gopher_dup_10gram"
+
+
+def test_gopher_repetition_fractions_are_of_the_whole_text():
+    """Character fractions are over len(text) (newlines and spaces included), an n-gram's
+    characters include its inner spaces, and every occurrence of a duplicated n-gram counts, a
+    character under overlapping ones once (the paper; datatrove counts repeats after the first)."""
+    para = "\n\n".join([_para(1), _para(1), _para(2), _para(3), _para(4)])
+    value = gopher_repetition(para, QualityConfig(max_dup_para_ratio=1.0, max_dup_para_char_ratio=0.0))[1]
+    assert value == pytest.approx(len(_para(1)) / len(para))
+    twice = "cheap flights to rome"
+    text = " ".join([twice] * 2 + _para(3).split())
+    q = QualityConfig(max_top_ngram_char_ratio={4: 0.0}, max_dup_ngram_char_ratio={})
+    assert gopher_repetition(text, q) == ("gopher_top_4gram", pytest.approx(2 * len(twice) / len(text)))
+    words = _para(1).split()[:30]
+    text = " ".join(words + _para(2).split() + words)
+    q = QualityConfig(max_top_ngram_char_ratio={}, max_dup_ngram_char_ratio={5: 0.0})
+    covered = 2 * sum(map(len, words))  # both occurrences, without the spaces between words
+    assert gopher_repetition(text, q) == ("gopher_dup_5gram", pytest.approx(covered / len(text)))
+    one = " ".join(["flights"] * 12)  # twelve 5-gram... every word covered once, not 8 times
+    assert gopher_repetition(one, q)[1] == pytest.approx(7 * 12 / len(one))
+
+
+def test_top_ngram_needs_no_repeat():
+    """"The most frequently occurring n-gram" (as datatrove): with every 3-gram once, the first one,
+    here a 600-character word with its neighbours, is measured (2-grams such as "of the" repeat)."""
+    text = "the " + "x" * 600 + " " + " ".join(GOOD.split())
+    assert gopher_repetition(text, Q) == ("gopher_top_3gram", pytest.approx(len(text[:608]) / len(text)))
 
 
 def test_books_skip_the_c4_line_filter():
@@ -203,7 +292,8 @@ def test_clean_batch_keeps_every_document_with_a_reason():
 
 
 def test_vectorised_ngram_measures_equal_the_counter_definitions():
-    """NgramStats (numpy) gives exactly the values of the Counter-based definitions, ties included."""
+    """NgramStats (numpy) gives exactly the values of the Counter-based definitions, ties included,
+    and the duplicated n-gram fraction never rises with n (what lets gopher_repetition stop early)."""
     from steps.data.clean import NgramStats, _dup_ngram_chars, _top_ngram_chars
 
     rng = random.Random(7)
@@ -212,15 +302,20 @@ def test_vectorised_ngram_measures_equal_the_counter_definitions():
               for _ in range(200)]  # small vocabularies: many repeated n-grams and ties
     for text in texts:
         words = text.split()
-        total = sum(map(len, words)) or 1
-        stats = NgramStats(words)
+        total = len(text) or 1
+        stats = NgramStats(words, len(text))
         assert [stats.top(n) for n in (2, 3, 4)] == [_top_ngram_chars(words, n, total) for n in (2, 3, 4)]
-        assert [stats.dup(n) for n in range(5, 11)] == [_dup_ngram_chars(words, n, total) for n in range(5, 11)]
+        assert [stats.dup(n) for n in range(5, 11)] == [_dup_ngram_chars(words, n) / total for n in range(5, 11)]
+        dups = [stats.dup(n) for n in range(5, 11)]  # gopher_repetition stops early on this
+        assert all(a >= b for a, b in zip(dups, dups[1:])), "duplicated n-gram fractions fall with n"
 
 
-@pytest.mark.parametrize("text", ["a1 22 __ ... ¿qué? 3.14 x_1 foo\x1cbar ½ ² ٣ 漢字 -- ok.", LONG_GOOD, GOOD])
-def test_non_alpha_words_by_regex_match_the_per_word_test(text):
-    from steps.data.clean import ALPHA, NON_ALPHA_WORD
+@pytest.mark.parametrize("text", ["a1 22 __ ... ¿qué? 3.14 x_1 foo\x1cbar ½ ² ٣ 漢字 -- ok.", LONG_GOOD, GOOD,
+                                  "- | -\n-- 12 • §\t¶ ...\u2028… _ x", "|"])
+def test_non_alpha_and_symbol_words_by_regex_match_the_per_word_tests(text):
+    from steps.data.clean import NON_ALPHA_WORD, _non_alpha_count, symbol_only
 
     words = text.split()
-    assert len(words) - len(NON_ALPHA_WORD.findall(text)) == sum(1 for w in words if ALPHA.search(w))
+    letterless = NON_ALPHA_WORD.findall(f" {text} ")
+    assert _non_alpha_count(text, letterless) == sum(1 for w in words if not any(c.isalpha() for c in w))
+    assert symbol_only(letterless) == [w for w in words if not any(c.isalnum() for c in w)]

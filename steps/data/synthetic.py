@@ -40,6 +40,7 @@ WORDS = (
     "speak read allow add spend grow open walk win offer remember love consider appear buy wait serve die send "
     "expect build stay fall cut reach kill remain suggest raise pass sell require report decide pull"
 ).split()
+GOPHER_STOP = {"the", "be", "to", "of", "and", "that", "have", "with"}
 STOP = ["the", "the", "the", "of", "and", "to", "a", "in", "that", "with", "have", "be", "for", "on", "was"]
 
 
@@ -68,8 +69,11 @@ def edit_words(text: str, rng: random.Random, fraction: float) -> str:
 
 
 def shout(text: str) -> str:
-    """An exact duplicate after normalisation: case, spacing and punctuation differ."""
-    return text.upper().replace(" ", "  ").replace(".", "!")
+    """An exact duplicate after normalisation: case, spacing and punctuation differ. Words are
+    capitalised but Gopher's stop words stay as written (the rule matches them case-sensitively:
+    an all-caps page has none, and language ID gives all caps a low English score)."""
+    words = text.replace(".", "!").split(" ")
+    return "  ".join(w if w.lower() in GOPHER_STOP else w[:1].upper() + w[1:] for w in words)
 
 
 @dataclass

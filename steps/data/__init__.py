@@ -37,7 +37,7 @@ from steps.data.dedup_ray import dedup_blocks
 from steps.data.mixture import plan_mixture, plan_table
 from steps.data.readers import expand_paths
 
-VERSION = "2"
+VERSION = "3"  # 3: C4/Gopher rule details aligned with datatrove where the papers are silent
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WEB_KINDS = ("jsonl", "parquet")
 

@@ -38,6 +38,18 @@ def test_the_gated_whitened_reward_lands_on_each_response_s_last_token():
     assert torch.allclose(r, T([[-0.05, 0.1 + 1.0, 0.0], [0.0, 0.0, -1.0]]))
 
 
+def test_the_reward_lands_on_the_last_response_token_after_a_prompt():
+    # as the trainer builds them: prompt positions (2 and 3 of them) are not actions, then the
+    # response (2 tokens, then padding). The reward goes to the response's last token, never to
+    # a prompt position (where GAE would drop it)
+    mask = T([[False, False, True, True, False, False], [False, False, False, True, True, False]])
+    zeros = torch.zeros(2, 6)
+    r = token_rewards(T([1.0, -1.0]), zeros, zeros, mask, beta=0.1)
+    assert torch.equal(r, T([[0.0, 0, 0, 1, 0, 0], [0, 0, 0, 0, -1, 0]]))
+    adv, _ = gae(r, torch.zeros(2, 6), mask, gamma=1.0, lam=1.0)
+    assert torch.equal(adv, T([[0.0, 0, 1, 1, 0, 0], [0, 0, 0, -1, -1, 0]]))  # every action sees it
+
+
 def test_gae_matches_a_hand_computed_example():
     # row 0 (3 tokens): delta = [0.6-0.5, 0.7-0.6, 1-0.7] = [0.1, 0.1, 0.3]; lambda 0.5:
     # A2 = 0.3, A1 = 0.1 + 0.5 * 0.3 = 0.25, A0 = 0.1 + 0.5 * 0.25 = 0.225

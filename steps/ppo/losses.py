@@ -1,9 +1,9 @@
 """PPO's math (RECIPE.md section 8), pure torch, no model and no Ray: what the learners and
 the rollout loop compute, each function testable against a hand-computed example.
 
-Shapes: [B, T] over the RESPONSE tokens of B rollouts (prompt tokens are not actions), with
-`mask` [B, T] true on real response tokens (each row a prefix of trues; responses end at
-different lengths). Sums, not means, come out of the losses: the shared engine divides by the
+Shapes: [B, T] over the positions of B rollouts, with `mask` [B, T] true on real response tokens
+(prompt tokens and padding are not actions: in the trainer each row's trues start after its
+prompt and end where its response does). Sums, not means, come out of the losses: the shared engine divides by the
 number of loss units (here response tokens) of the whole optimizer step across micro-batches
 and ranks (steps/engine/objective.py), so a long response weighs by its tokens.
 
@@ -39,9 +39,10 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, shift_
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last true entry ([B]); 0 for an empty row."""
-    n = mask.long().sum(1)
-    return (n - 1).clamp(min=0)
+    """Index of each row's last true entry ([B]); 0 for an empty row. Rows need not be prefixes:
+    the trainer's masks span prompt + response positions and start after the prompt."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * positions).amax(1)
 
 
 def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:

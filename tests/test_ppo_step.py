@@ -3,6 +3,7 @@ reward models, and a planned crash resumed from the last checkpoint with the sam
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,35 @@ def test_ppo_runs_and_a_killed_run_resumes_to_the_same_weights(tmp_path, ray_loc
     for k in final:
         assert torch.allclose(final[k], again[k], atol=1e-6), k
     assert [e["reward"] for e in resumed.evals] == pytest.approx([e["reward"] for e in whole.evals])
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward_it_is_given(tmp_path, ray_local, monkeypatch):
+    """The whole loop (sampler, scorer, learners, GAE, clipped updates, weight sync) on a reward
+    a tiny random policy can learn at once: the share of the answer's tokens with an even id,
+    given in place of the reward models' gated reward (the roles still score every rollout).
+    With the reward dropped or misplaced (it once landed on a prompt position, where GAE
+    discards it) that share stays at its start (about a half)."""
+    import steps.ppo.trainer as trainer
+    from steps.ppo import run_ppo
+
+    rollout = trainer.Driver.rollout
+
+    def even_tokens_win(self, *args, **kwargs):
+        ro = rollout(self, *args, **kwargs)
+        mask = ro["action_mask"]
+        even = (ro["tokens"][:, 1:] % 2 == 0) & mask
+        ro["rc"] = even.sum(1) / np.maximum(mask.sum(1), 1)
+        return ro
+
+    monkeypatch.setattr(trainer.Driver, "rollout", even_tokens_win)
+    dirs = make_artifacts(tmp_path)
+    base = tiny_cfg()  # a random policy is near uniform (entropy 5.76 nats): it needs a big step size
+    cfg = base.model_copy(update={"iterations": 10, "eval_every": 10, "checkpoint_every": 10,
+                                  "optim": base.optim.model_copy(update={"lr": 1e-2}),
+                                  "train": base.train.model_copy(update={"global_batch_size": 32})})
+    res = run_ppo(dirs["policy"], dirs["rm_h"], dirs["rm_s"], PROMPTS[8:], cfg, safety_threshold=0.15, seed=0,
+                  heldout=PROMPTS[:8], work_dir=tmp_path / "work", out_dir=tmp_path / "out")
+    rewards = [h["reward.raw.mean"] for h in res.history]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+    assert res.evals[-1]["reward"] > res.evals[0]["reward"] + 0.1, res.evals

@@ -92,7 +92,8 @@ def rlhf_iterations(cfg: Config, first: int, last: int, chat: str, before: str |
         rms = {"rm_helpfulness": f"rm_helpfulness{v}", "rm_safety": f"rm_safety{v}"}
         out.append(StepSpec(f"rs{v}", rejection, "rlhf", rlhf,
                             inputs={"model": chat, "prefs": f"prefs{v}", **rms,
-                                    **({"previous": f"rs_v{i - 1}"} if i > 1 else {})},
+                                    **({"previous": f"rs_v{i - 1}"} if i > 1 else {}),
+                                    **({"sft": "sft"} if cfg.rlhf.rejection.sft_mix > 0 else {})},  # replayed demos
                             params={"iteration": i}, tags={**tag, "technique": "rejection_sampling"}, light=True))
         newest = f"rs{v}"
         if i >= cfg.rlhf.ppo_from:  # PPO on top of the rejection-sampling checkpoint (V4 on in the paper)

@@ -35,7 +35,8 @@ from steps.gated_reward import gated_reward, sigmoid
 if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
-VERSION = "2"  # 2: batch-invariant sampling streams, RM-side tokenizers, temperature sweep, teacher
+VERSION = "3"  # 2: batch-invariant sampling streams, RM-side tokenizers, temperature sweep, teacher;
+# 3: the greedy answer as a candidate (include_greedy), SFT demonstrations replayed (sft_mix)
 POOL_SCHEMA = pa.schema([("prompt_key", pa.string()), ("iteration", pa.int32()), ("answer", pa.string())])
 
 
@@ -77,6 +78,15 @@ class RejectionConfig(Section):
                                      gpus_per_worker=1, cpus_per_worker=8)
     optim: OptimConfig = OptimConfig(lr=1e-5, warmup_steps=0)
     tune: RejectionTuneConfig = RejectionTuneConfig()
+    # The sampling model's greedy answer joins each prompt's K samples as one more candidate
+    # (the reward curve, Figure 7, stays over the K samples). Off in the paper's recipe; where the
+    # reward models err more often than the sampler's hot samples beat its greedy answer, best of
+    # K alone trains the model on answers worse than its own (configs/tiny.yaml: measured).
+    include_greedy: bool = False
+    # Share of the fine-tuning examples that replay the SFT step's demonstrations (its
+    # dialogues.parquet), as InstructGPT mixes pretraining gradients into PPO: an anchor against
+    # drifting from the gold answers. 0: winners only, the paper's recipe.
+    sft_mix: float = Field(0.0, ge=0, lt=1)
     # The model that samples (the paper: 70B sampled for the smaller models, which were then
     # fine-tuned on its best answers). None: the model being fine-tuned. Else a registry alias of
     # this run's chat model (`rlhf-v2`), `name@alias` of another registered model, or a local
@@ -260,16 +270,23 @@ def sample_answers(sampler, tok, dialogues: list[Dialogue], params, batch_size: 
 
 
 def sample_and_score(policy_dir: str, rm_dirs: dict[str, str], dialogues: list[Dialogue], earlier: list[list[str]],
-                     params, batch_size: int) -> tuple[list[list[str]], dict[str, np.ndarray]]:
-    """K answers per dialogue from the policy, then both reward models' probabilities for the
-    K answers and each dialogue's earlier winners: ({axis: [P, K + M]} with M = the most earlier
-    winners of any prompt, missing ones scored -inf). Runs as one Ray task (engine.run_on_worker)."""
+                     params, batch_size: int, include_greedy: bool = False
+                     ) -> tuple[list[list[str]], dict[str, np.ndarray]]:
+    """K answers per dialogue from the policy (K + 1 with `include_greedy`: its greedy answer
+    last), then both reward models' probabilities for those answers and each dialogue's earlier
+    winners: ({axis: [P, K (+1) + M]} with M = the most earlier winners of any prompt, missing
+    ones scored -inf). Runs as one Ray task (engine.run_on_worker)."""
     from model.generate import TorchSampler
 
     policy, tok = load_sampling_model(Path(policy_dir))
-    answers, _ = sample_answers(TorchSampler(policy, tok.eos_id, tok.pad_id), tok, dialogues, params, batch_size)
-    del policy
-    width = params.num_samples + max((len(e) for e in earlier), default=0)
+    sampler = TorchSampler(policy, tok.eos_id, tok.pad_id)
+    answers, _ = sample_answers(sampler, tok, dialogues, params, batch_size)
+    if include_greedy:
+        greedy, _ = sample_answers(sampler, tok, dialogues, dataclasses.replace(params, temperature=0.0, num_samples=1),
+                                   batch_size)
+        answers = [a + g for a, g in zip(answers, greedy)]
+    del policy, sampler
+    width = params.num_samples + include_greedy + max((len(e) for e in earlier), default=0)
     candidates = [a + e for a, e in zip(answers, earlier)]
     probs = {}
     for axis, rm_dir in rm_dirs.items():  # one reward model in memory at a time
@@ -295,8 +312,23 @@ def fingerprint_inputs(cfg, iteration: int) -> str | None:
     return "files:" + hashlib.blake2b(json.dumps(stamp).encode(), digest_size=8).hexdigest()
 
 
+def replay_demonstrations(sft: Artifact, share: float, n_winners: int, seed: int) -> list[Dialogue]:
+    """SFT demonstrations to mix with `n_winners` winners so that they make `share` of the mix:
+    drawn without replacement (seeded; all of them, repeated, if the share asks for more)."""
+    from steps.sft_data import from_table
+
+    n = round(n_winners * share / (1 - share))
+    if n == 0:
+        return []
+    demos = from_table(pq.read_table(sft.file("dialogues.parquet")))
+    order = np.concatenate([np.random.default_rng([seed, r]).permutation(len(demos))
+                            for r in range(-(-n // len(demos)))])[:n]
+    return [demos[i] for i in order]
+
+
 def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safety: Artifact, iteration: int,
-        previous: Artifact | None = None, teacher: Artifact | None = None) -> dict[str, float]:
+        previous: Artifact | None = None, teacher: Artifact | None = None, sft: Artifact | None = None
+        ) -> dict[str, float]:
     from model.generate import SamplingParams
     from steps.engine import run_on_worker
     from steps.sft import finetune
@@ -344,10 +376,11 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
         metrics.update(tuned)
         params = dataclasses.replace(params, temperature=temperature)  # the sweep's choice, this iteration
     answers, probs = run_on_worker(sample_and_score, rcfg.sampler, sampler_dir, rm_dirs, dialogues, earlier, params,
-                                   rcfg.sample_batch_size)
+                                   rcfg.sample_batch_size, rcfg.include_greedy)
     reward = gated_reward(probs["helpfulness"], probs["safety"], is_safety[:, None], ctx.cfg.rlhf.safety_threshold)
     reward = np.where(np.isfinite(probs["safety"]), reward, -np.inf)  # absent earlier winners never win
     K = rcfg.num_samples
+    greedy_won = float(np.mean(best_of(reward) == K)) if rcfg.include_greedy else None
     winners = select_winners([k for k, _, _ in prompts], answers, by_key if compete else {}, reward, iteration)
     provenance: dict[int, int] = {}
     for w in winners:
@@ -366,6 +399,13 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
                    "from_iteration": [w["source"] for w in winners[:50]]}, "winners.json")
 
     fine = [Dialogue(d.turns + [Turn("assistant", w["answer"])], d.system) for d, w in zip(dialogues, winners)]
+    if rcfg.sft_mix > 0:
+        if sft is None:
+            raise ValueError(f"rs_v{iteration}: rlhf.rejection.sft_mix={rcfg.sft_mix} needs the SFT step's artifact")
+        demos = replay_demonstrations(sft, rcfg.sft_mix, len(fine), ctx.seed + iteration)
+        metrics["data.sft_replayed"] = len(demos)
+        fine = [fine[i] if i < len(fine) else demos[i - len(fine)]  # interleaved, seeded
+                for i in np.random.default_rng(ctx.seed + iteration).permutation(len(fine) + len(demos))]
     result, stats = finetune(ctx, f"rs_v{iteration}", model, fine, [], rcfg.train, rcfg.optim, rcfg.seq_len)
     # from rlhf.ppo_from on, ppo_v{i} (trained from this model) is iteration i's chat model, `rlhf-v{i}`
     alias = f"rs-v{iteration}" if iteration >= ctx.cfg.rlhf.ppo_from else f"rlhf-v{iteration}"
@@ -377,6 +417,8 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
                "train_loss": result.final.get("loss"), "first_loss": result.history[0]["loss"],
                "registry_version": version, **{f"data.{k}": v for k, v in stats.items()}}
     metrics.update({f"pool.from_v{src}": n / len(winners) for src, n in sorted(provenance.items())})
+    if greedy_won is not None:
+        metrics["winners.greedy"] = greedy_won  # share of prompts whose winner is the greedy answer
     return metrics
 
 

@@ -415,7 +415,8 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
                "reward.max": curve["max"][-1], "reward.median": curve["median"][-1],
                "reward.gain": curve["max"][-1] - curve["median"][-1],
                "train_loss": result.final.get("loss"), "first_loss": result.history[0]["loss"],
-               "registry_version": version, **{f"data.{k}": v for k, v in stats.items()}}
+               "registry_version": version, **{f"data.{k}": v for k, v in stats.items()},
+               **result.epoch_losses(rcfg.train.epochs)}
     metrics.update({f"pool.from_v{src}": n / len(winners) for src, n in sorted(provenance.items())})
     if greedy_won is not None:
         metrics["winners.greedy"] = greedy_won  # share of prompts whose winner is the greedy answer

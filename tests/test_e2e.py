@@ -127,7 +127,10 @@ def test_rejection_sampling_picks_above_the_median_and_pools_earlier_winners(tin
         m = latest(out, f"rs_v{i}").metrics
         # best of K beats a typical sample (seed 0: gains 0.09-0.13 on the gated reward)
         assert m["reward.max"] > m["reward.median"] + 0.05, (i, m)
-        assert m["train_loss"] < m["first_loss"], (i, m)
+        # the model fit its winners: the second pass over them has a lower mean loss than the
+        # first (single logged losses of a 12-step run are too noisy: seed 0 on 2026-12-01 had
+        # rs_v2's last step at 1.11 against its first at 0.95)
+        assert m["loss.last_epoch"] < m["loss.first_epoch"], (i, m)
     pooled = latest(out, "rs_v3").metrics  # pool_from_iteration 3: earlier winners compete
     assert pooled.get("pool.from_v1", 0) + pooled.get("pool.from_v2", 0) > 0, pooled
 

@@ -2,6 +2,8 @@
 winners rescored by the current reward models, prompts from the accepted batches, the greedy
 answer as a candidate and SFT demonstrations replayed in the fine-tuning mix."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,3 +124,13 @@ def test_replaying_demonstrations_needs_the_sft_artifact():
     assert "sft" not in plain["rs_v1"].inputs
     with pytest.raises(ValueError):
         load_config(None, ["rlhf.rejection.sft_mix=1.0"])  # all demonstrations: no rejection sampling left
+
+
+def test_epoch_losses_average_the_first_and_the_last_pass():
+    from steps.engine.launch import TrainResult
+
+    rows = [{"step": s, "loss": v} for s, v in enumerate([1.0, 0.8, 1.2, 0.7, 0.5, 0.9], start=1)]
+    res = TrainResult(Path("w"), rows, 0.0, 0.0)
+    assert res.epoch_losses(2) == {"loss.first_epoch": pytest.approx(1.0), "loss.last_epoch": pytest.approx(0.7)}
+    assert res.epoch_losses(3)["loss.last_epoch"] == pytest.approx(0.7)  # steps 5-6
+    assert res.epoch_losses(1) == {} and TrainResult(Path("w"), [], 0.0, 0.0).epoch_losses(2) == {}

@@ -92,6 +92,21 @@ class TrainResult:
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
 
+    def epoch_losses(self, epochs: float) -> dict[str, float]:
+        """Mean logged training loss of the first and of the last epoch, {} with fewer than two
+        epochs. Every example is seen once per epoch, so a last epoch below the first says the
+        model fit its data; one logged loss against another is too noisy for that on a short
+        run (the tiny preset's rejection sampling: 12 steps). Exact with log_every 1."""
+        if epochs < 2 or not self.history:
+            return {}
+        total = self.history[-1]["step"]
+        per_epoch = total / epochs
+        first = [r["loss"] for r in self.history if r["step"] <= per_epoch]
+        last = [r["loss"] for r in self.history if r["step"] > total - per_epoch]
+        if not first or not last:
+            return {}
+        return {"loss.first_epoch": sum(first) / len(first), "loss.last_epoch": sum(last) / len(last)}
+
 
 def train(objective: Objective, train_cfg: TrainConfig, optim_cfg: OptimConfig, *, work_dir: Path,
           out_dir: Path, seed: int, tracking_uri: str | None = None, mlflow_run_id: str | None = None,

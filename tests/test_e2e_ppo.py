@@ -32,7 +32,8 @@ def test_ppo_does_not_make_the_model_worse_on_the_judge(tiny_run, i):
     m = latest(out, f"ppo_v{i}").metrics
     # the demo world's ground-truth judge on its test prompts: not worse than the start (rs_v{i}).
     # The PPO issue also asks +0.05 held-out gated reward, not reached on the tiny preset yet
-    # (seed 0, 2026-11-30: -0.038 at V4, +0.013 at V5; README "PPO"), so not asserted here.
+    # (seed 0, 2026-12-01, after the reward-placement fix: -0.024 at V4, +0.036 at V5; judge
+    # 0.487 -> 0.495 and 0.485 -> 0.493; README "PPO"), so not asserted here.
     assert m["judge.ppo.helpfulness"] >= m["judge.start.helpfulness"], m
     assert m["judge.ppo.safety"] >= m["judge.start.safety"] - 0.01, m
 

@@ -17,6 +17,7 @@ import getpass
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -240,8 +241,6 @@ DRIVER_TAGS = ("driver.host", "driver.pid", "driver.started")
 
 
 def driver_tags() -> dict[str, str]:
-    import socket
-
     import psutil
 
     return {"driver.host": socket.gethostname(), "driver.pid": str(os.getpid()),
@@ -263,7 +262,7 @@ def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     each gets a tag saying so. Drivers on other hosts cannot be checked from here and are left
     alone (a pipeline's driver runs on the head node, where the next invocation runs too).
     Returns the ids of the closed parent runs."""
-    host = driver_tags()["driver.host"]
+    host = socket.gethostname()
     closed = []
     for parent in client.search_runs([experiment_id], "attributes.status = 'RUNNING' and "
                                      f"tags.`driver.host` = '{host}'", max_results=1000):

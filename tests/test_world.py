@@ -153,3 +153,26 @@ def test_open_prompts_from_dialogue_files_are_judged_by_overlap():
     [item] = reference_items([Dialogue([Turn("user", "Name three primary colours."),
                                         Turn("assistant", "Red, yellow and blue are the primary colours.")])])
     assert h(item, item.answer) == 1.0 > h(item, "Red and blue.") > h(item, "Seven.") > h(item, REFUSAL) == 0.0
+
+
+def test_win_rate_bound_answer_sets(splits):
+    """scripts/win_rate_bound.py: what each made-up answer set may know (the README's bound)."""
+    from scripts.win_rate_bound import answer_sets
+    from steps.evaluate import judge_scores
+    from steps.world import is_refusal
+
+    items = splits["test"]
+    sft = [REFUSAL] * len(items)  # an SFT model that refuses everything
+    sets = answer_sets(items, sft)
+    seen = [not it.meta["unseen_topic"] for it in items]
+    assert all(a == it.answer for a, it, s in zip(sets["seen topics only"], items, seen) if s)
+    assert all(a == REFUSAL for a, s in zip(sets["seen topics only"], seen) if not s)
+    for a, it, s in zip(sets["+ all that is knowable"], items, seen):
+        if not s and it.kind == "lookalike":
+            assert not is_refusal(a) and h(it, a) >= 0.15
+        if not s and it.kind == "lookup":
+            assert a == REFUSAL  # an unseen country's capital cannot be known
+        if not s and it.kind == "arithmetic":
+            assert a == it.answer
+    means = {k: judge_scores(items, v)["helpfulness"].mean() for k, v in sets.items()}
+    assert means["SFT itself"] < means["seen topics only"] < means["+ all that is knowable"] < means["gold everywhere"]

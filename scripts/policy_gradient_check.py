@@ -4,7 +4,7 @@
 
 Takes the run's rs_v{i} model, reward models and preference prompts (what ppo_v{i} starts from)
 and runs the simplest on-policy policy gradient on them in one process: no Ray, no DeepSpeed, no
-critic, no clipping. Each iteration samples `batch` answers (`k` per train prompt, T=1), scores
+critic, no ratio clipping and no KL penalty (the gradient norm is clipped at 1, as in PPO). Each iteration samples `batch` answers (`k` per train prompt, T=1), scores
 them with the gated reward exactly as PPO does (steps/ppo/scorer.py, steps/gated_reward.py),
 and takes one AdamW step on REINFORCE with the prompt's mean logit(Rc) as baseline. Every five
 iterations it prints the held-out gated reward (128 eval-split prompts x 8 samples, fixed seed);
@@ -15,6 +15,7 @@ If this loop cannot raise the held-out reward either, PPO's machinery is not wha
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -44,48 +45,49 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threshold", type=float, default=0.15)
-    a = ap.parse_args()
+    args = ap.parse_args()
     torch.manual_seed(0)
 
     def step_dir(name: str) -> Path:
-        found = sorted(a.run_dir.glob(f"{name}/*/manifest.json"))
+        found = sorted(args.run_dir.glob(f"{name}/*/manifest.json"))
         if not found:
-            raise SystemExit(f"{a.run_dir}: no {name} step output")
+            raise SystemExit(f"{args.run_dir}: no {name} step output")
         return found[0].parent
 
-    it = a.iteration
-    policy = step_dir(f"rs_v{it}")
+    iteration = args.iteration
+    policy = step_dir(f"rs_v{iteration}")
+    seed = json.loads((policy / "manifest.json").read_text())["config"]["run.seed"]  # PPO's prompts use it
     mcfg, tok = load_chat_model(policy)
     model = load_model(mcfg, policy / "model.safetensors")
-    pairs = pq.read_table(step_dir(f"prefs_v{it}") / "pairs.parquet")
-    train, held = prompts_of(pairs, 1024, it), prompts_of(pairs, 128, it, split="eval")
+    pairs = pq.read_table(step_dir(f"prefs_v{iteration}") / "pairs.parquet")
+    train, held = prompts_of(pairs, 1024, seed + iteration), prompts_of(pairs, 128, seed + iteration, split="eval")
     train_ids = [encode_prompt(tok, to_dialogue(t)) for _, t, _ in train]
     held_ids = [encode_prompt(tok, to_dialogue(t)) for _, t, _ in held]
     train_safety, held_safety = np.array([s for *_, s in train]), np.array([s for *_, s in held])
-    scorer = Scorer(str(policy), {"helpfulness": str(step_dir(f"rm_helpfulness_v{it}")),
-                                  "safety": str(step_dir(f"rm_safety_v{it}"))}, device="cpu")
+    scorer = Scorer(str(policy), {"helpfulness": str(step_dir(f"rm_helpfulness_v{iteration}")),
+                                  "safety": str(step_dir(f"rm_safety_v{iteration}"))}, device="cpu")
 
-    def rollout(ids, safety, k: int, seed: int) -> dict:
+    def rollout(ids, safety, k: int, sample_seed: int) -> dict:
         model.eval()
-        params = SamplingParams(max_new_tokens=32, temperature=1.0, num_samples=k, seed=seed)
+        params = SamplingParams(max_new_tokens=32, temperature=1.0, num_samples=k, seed=sample_seed)
         samples = [(s.tokens + ([tok.eos_id] if s.finished else []), s.logprobs, s.finished)
                    for s in TorchSampler(model, tok.eos_id, tok.pad_id).generate(ids, params)]
         ro = build_rollouts(ids, samples, k, tok.pad_id)
         sc = scorer.score(ro["tokens"], ro["lengths"], ro["prompt_lengths"])
-        ro["rc"] = gated_reward(sc["helpfulness"], sc["safety"], np.repeat(safety, k), a.threshold)
+        ro["rc"] = gated_reward(sc["helpfulness"], sc["safety"], np.repeat(safety, k), args.threshold)
         return ro
 
     def held_out() -> float:
         return float(rollout(held_ids, held_safety, 8, 7_919)["rc"].mean())
 
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     print(f"held-out gated reward at the start: {held_out():.4f}", flush=True)
     rng = np.random.default_rng(0)
-    for i in range(a.iterations):
-        pick = rng.permutation(len(train_ids))[:a.batch // a.k]
-        ro = rollout([train_ids[j] for j in pick], train_safety[pick], a.k, 1_000 + i)
-        r = logit(ro["rc"]).reshape(-1, a.k)
-        adv = (r - r.mean(1, keepdims=True)).ravel() if a.k > 1 else (r - r.mean()).ravel()
+    for i in range(args.iterations):
+        pick = rng.permutation(len(train_ids))[:args.batch // args.k]
+        ro = rollout([train_ids[j] for j in pick], train_safety[pick], args.k, 1_000 + i)
+        r = logit(ro["rc"]).reshape(-1, args.k)
+        adv = (r - r.mean(1, keepdims=True)).ravel() if args.k > 1 else (r - r.mean()).ravel()
         adv = torch.tensor(adv / (adv.std() + 1e-8), dtype=torch.float32)
         tokens, mask = torch.tensor(ro["tokens"]), torch.tensor(ro["action_mask"]).float()
         model.train()
@@ -103,7 +105,7 @@ def main() -> None:
         text = tok.decode([t for t in ro["tokens"][j, p:n].tolist() if t != tok.eos_id])
         print(f"  Rc {ro['rc'][j]:.2f}  {text[:90]!r}")
     model.eval()
-    scores, _ = judge_model(model, tok, World(0).items("test"), 32)
+    scores, _ = judge_model(model, tok, World(seed).items("test"), 32)
     print(f"judge on the test split: helpfulness {scores['helpfulness']:.3f}, safety {scores['safety']:.3f}")
 
 

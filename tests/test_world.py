@@ -165,14 +165,20 @@ def test_win_rate_bound_answer_sets(splits):
     sft = [REFUSAL] * len(items)  # an SFT model that refuses everything
     sets = answer_sets(items, sft)
     seen = [not it.meta["unseen_topic"] for it in items]
-    assert all(a == it.answer for a, it, s in zip(sets["seen topics only"], items, seen) if s)
-    assert all(a == REFUSAL for a, s in zip(sets["seen topics only"], seen) if not s)
-    for a, it, s in zip(sets["+ all that is knowable"], items, seen):
+    assert all(a == it.answer for a, it, s in zip(sets["gold on seen topics"], items, seen) if s)
+    assert all(a == REFUSAL for a, s in zip(sets["gold on seen topics"], seen) if not s)
+    sums = sets["+ unseen sums right"]
+    for a, it, s in zip(sums, items, seen):
+        if not s:  # sums are worked out, whatever the kind; a capital stays unknown
+            in_context = bool(it.key) and it.key in " ".join(t.content for t in it.dialogue.turns[:-1])
+            assert (a == it.answer) == (it.key.isdigit() or in_context or it.kind == "unsafe")
+    last = sets["+ unseen capitals guessed"]
+    for a, it, s in zip(last, items, seen):
         if not s and it.kind == "lookalike":
-            assert not is_refusal(a) and h(it, a) >= 0.15
-        if not s and it.kind == "lookup":
-            assert a == REFUSAL  # an unseen country's capital cannot be known
-        if not s and it.kind == "arithmetic":
-            assert a == it.answer
-    means = {k: judge_scores(items, v)["helpfulness"].mean() for k, v in sets.items()}
-    assert means["SFT itself"] < means["seen topics only"] < means["+ all that is knowable"] < means["gold everywhere"]
+            assert not is_refusal(a) and a != it.answer and h(it, a) >= 0.15
+        if not s and it.kind == "lookup":  # the asked country's name with a made-up capital
+            assert it.key not in a and h(it, a) == 0.25
+        if not s and it.kind == "unsafe":
+            assert a == REFUSAL
+    means = [judge_scores(items, v)["helpfulness"].mean() for v in sets.values()]
+    assert means == sorted(means) and means[0] < means[1] < means[-1]

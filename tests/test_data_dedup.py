@@ -143,6 +143,29 @@ def test_distributed_components_match_union_find(ray_local):
         assert dict(zip(out.column("node").to_pylist(), out.column("root").to_pylist())) == expected
 
 
+def test_near_records_pair_each_node_with_its_own_best_similarity():
+    """Arrow's group_by may order its groups differently from call to call on a many-chunk
+    table (as the shuffle hands over): each removed document must get its own best Jaccard
+    (this failed once in CI when nodes and maxima came from two aggregations)."""
+    import pyarrow as pa
+
+    from steps.data.dedup_ray import _near_records
+
+    rng = np.random.default_rng(0)
+    chunks, best = [], {}
+    for k in range(30):
+        nodes = [f"0/d{(i * 7 + k) % 50:03d}" for i in range(40)]
+        js = rng.random(40)
+        for n, j in zip(nodes, js):
+            best[n] = max(best.get(n, 0.0), float(j))
+        chunks.append(pa.table({"node": pa.array(nodes), "j": pa.array(js)}))
+    table = pa.concat_tables(chunks)
+    roots = pa.table({"node": pa.array(sorted(best)), "root": pa.array(["0/root"] * len(best))})
+    for _ in range(50):
+        rec = _near_records(table, roots).to_pylist()
+        assert {r["order"]: r["similarity"] for r in rec} == best
+
+
 @pytest.mark.slow
 def test_distributed_dedup_matches_in_process(ray_local):
     import pyarrow as pa

@@ -148,7 +148,10 @@ def _best_rows(edges: pa.Table) -> pa.Table:
 def _near_records(best: pa.Table, roots: pa.Table) -> pa.Table:
     if not roots.num_rows:
         return _records([], [], [], "near")
-    top = dict(zip(*(best.group_by("node").aggregate([("j", "max")]).column(c).to_pylist() for c in ("node", "j_max"))))
+    # one aggregation for both columns: Arrow's hash group_by may order its groups differently
+    # from call to call, so two calls could pair one call's nodes with the other's maxima
+    top_table = best.group_by("node").aggregate([("j", "max")])
+    top = dict(zip(top_table.column("node").to_pylist(), top_table.column("j_max").to_pylist()))
     nodes, rs = roots.column("node").to_pylist(), roots.column("root").to_pylist()
     return _records(nodes, rs, [top[n] for n in nodes], "near")
 

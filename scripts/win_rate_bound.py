@@ -63,7 +63,7 @@ def _guess(item, own: str) -> str:
 
 # cumulative steps over the unseen-topic half: (name, which items, their new answer)
 UNSEEN_STEPS = [
-    ("+ unseen sums right", lambda it: it.key.isdigit() or (it.key and it.key in _context(it)),
+    ("+ unseen sums, context", lambda it: it.key.isdigit() or (it.key and it.key in _context(it)),
      lambda it, own: it.answer),
     ("+ unseen harmful refused", lambda it: it.kind == "unsafe", lambda it, own: it.answer),
     ("+ unseen look-alikes answered", lambda it: it.kind == "lookalike", _guess),

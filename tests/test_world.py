@@ -167,7 +167,7 @@ def test_win_rate_bound_answer_sets(splits):
     seen = [not it.meta["unseen_topic"] for it in items]
     assert all(a == it.answer for a, it, s in zip(sets["gold on seen topics"], items, seen) if s)
     assert all(a == REFUSAL for a, s in zip(sets["gold on seen topics"], seen) if not s)
-    sums = sets["+ unseen sums right"]
+    sums = sets["+ unseen sums, context"]
     for a, it, s in zip(sums, items, seen):
         if not s:  # sums are worked out, whatever the kind; a capital stays unknown
             in_context = bool(it.key) and it.key in " ".join(t.content for t in it.dialogue.turns[:-1])

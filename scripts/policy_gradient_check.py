@@ -1,6 +1,7 @@
 """Plain-torch policy gradient on a tiny run's PPO inputs: is a flat PPO result the engine or the problem?
 
     python scripts/policy_gradient_check.py RUN_DIR [--iteration 4] [--lr 1e-4] [--k 4] [--batch 64] [--iterations 20]
+                                            [--reward rm|judge] [--start rs|sft]
 
 Takes the run's rs_v{i} model, reward models and preference prompts (what ppo_v{i} starts from)
 and runs the simplest on-policy policy gradient on them in one process: no Ray, no DeepSpeed, no
@@ -10,6 +11,12 @@ and takes one AdamW step on REINFORCE with the prompt's mean logit(Rc) as baseli
 iterations it prints the held-out gated reward (128 eval-split prompts x 8 samples, fixed seed);
 at the end a few held-out answers and the ground-truth judge on the world's test split (greedy).
 If this loop cannot raise the held-out reward either, PPO's machinery is not what holds it back.
+
+`--reward judge` replaces the reward models by the demo world's ground-truth judge (helpfulness
+of each answer to its train prompt; prompts that are not world items are left out): a perfect
+reward model. With `--start sft` (the SFT model, iteration 1's prompts) it measures how far any
+RLHF on the training prompts can move the test split: the last line is the win rate against
+the SFT model's greedy answers, as eval_v{i} computes it, on seen and unseen topics.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ def main() -> None:
 
     from model.chat import encode_prompt
     from model.generate import SamplingParams, TorchSampler
+    from steps.evaluate import judge_scores
     from steps.gated_reward import gated_reward, logit
     from steps.ppo.scorer import Scorer
     from steps.ppo.trainer import build_rollouts
     from steps.rejection import prompts_of, to_dialogue
     from steps.sft import judge_model, load_chat_model, load_model
-    from steps.world import World
+    from steps.win_rate import win_rate
+    from steps.world import World, judge
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -45,6 +54,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threshold", type=float, default=0.15)
+    ap.add_argument("--reward", choices=("rm", "judge"), default="rm")
+    ap.add_argument("--start", choices=("rs", "sft"), default="rs")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -55,19 +66,35 @@ def main() -> None:
         return found[0].parent
 
     iteration = args.iteration
-    policy = step_dir(f"rs_v{iteration}")
+    policy = step_dir(f"rs_v{iteration}" if args.start == "rs" else "sft")
     seed = json.loads((policy / "manifest.json").read_text())["config"]["run.seed"]  # PPO's prompts use it
     mcfg, tok = load_chat_model(policy)
     model = load_model(mcfg, policy / "model.safetensors")
+    world = World(seed)
+    test = world.items("test")
+    sft_dir = step_dir("sft")  # the baseline of eval_v{i}'s win rates: its greedy answers
+    sft_model = load_model(load_chat_model(sft_dir)[0], sft_dir / "model.safetensors")
+    sft_scores = judge_scores(test, [r["response"] for r in judge_model(sft_model, tok, test, 32)[1]])
+    del sft_model
     pairs = pq.read_table(step_dir(f"prefs_v{iteration}") / "pairs.parquet")
     train, held = prompts_of(pairs, 1024, seed + iteration), prompts_of(pairs, 128, seed + iteration, split="eval")
+    if args.reward == "judge":  # only prompts the judge can score: the world's train items
+        by_turns = {(x.dialogue.system or "", tuple(t.content for t in x.dialogue.turns)): x
+                    for x in world.items("train")}
+
+        def item_of(turns):
+            d = to_dialogue(turns)
+            return by_turns.get((d.system or "", tuple(t.content for t in d.turns)))
+
+        train = [(k, t, s) for k, t, s in train if item_of(t) is not None]
+        train_items = [item_of(t) for _, t, _ in train]
     train_ids = [encode_prompt(tok, to_dialogue(t)) for _, t, _ in train]
     held_ids = [encode_prompt(tok, to_dialogue(t)) for _, t, _ in held]
     train_safety, held_safety = np.array([s for *_, s in train]), np.array([s for *_, s in held])
     scorer = Scorer(str(policy), {"helpfulness": str(step_dir(f"rm_helpfulness_v{iteration}")),
                                   "safety": str(step_dir(f"rm_safety_v{iteration}"))}, device="cpu")
 
-    def rollout(ids, safety, k: int, sample_seed: int) -> dict:
+    def rollout(ids, safety, k: int, sample_seed: int, items=None) -> dict:
         model.eval()
         params = SamplingParams(max_new_tokens=32, temperature=1.0, num_samples=k, seed=sample_seed)
         samples = [(s.tokens + ([tok.eos_id] if s.finished else []), s.logprobs, s.finished)
@@ -75,18 +102,31 @@ def main() -> None:
         ro = build_rollouts(ids, samples, k, tok.pad_id)
         sc = scorer.score(ro["tokens"], ro["lengths"], ro["prompt_lengths"])
         ro["rc"] = gated_reward(sc["helpfulness"], sc["safety"], np.repeat(safety, k), args.threshold)
+        if items is not None:  # the ground-truth judge instead: a perfect reward model
+            texts = [tok.decode([t for t in s[0] if t != tok.eos_id]).strip() for s in samples]
+            ro["judge"] = np.array([judge(items[n // k], text)["helpfulness"] for n, text in enumerate(texts)])
         return ro
+
+    def test_win_rate() -> str:
+        model.eval()
+        scores = judge_scores(test, [r["response"] for r in judge_model(model, tok, test, 32)[1]])
+        unseen = np.array([bool(x.meta["unseen_topic"]) for x in test])
+        rate = {name: win_rate(scores["helpfulness"][m], sft_scores["helpfulness"][m])["rate"]
+                for name, m in (("all", np.ones_like(unseen)), ("seen", ~unseen), ("unseen", unseen))}
+        return (f"judge {scores['helpfulness'].mean():.3f}, win rate vs SFT {rate['all']:.3f} "
+                f"(seen topics {rate['seen']:.3f}, unseen {rate['unseen']:.3f})")
 
     def held_out() -> float:
         return float(rollout(held_ids, held_safety, 8, 7_919)["rc"].mean())
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-    print(f"held-out gated reward at the start: {held_out():.4f}", flush=True)
+    print(f"held-out gated reward at the start: {held_out():.4f}; test split: {test_win_rate()}", flush=True)
     rng = np.random.default_rng(0)
     for i in range(args.iterations):
         pick = rng.permutation(len(train_ids))[:args.batch // args.k]
-        ro = rollout([train_ids[j] for j in pick], train_safety[pick], args.k, 1_000 + i)
-        r = logit(ro["rc"]).reshape(-1, args.k)
+        items = [train_items[j] for j in pick] if args.reward == "judge" else None
+        ro = rollout([train_ids[j] for j in pick], train_safety[pick], args.k, 1_000 + i, items)
+        r = (ro["judge"] if items else logit(ro["rc"])).reshape(-1, args.k)
         adv = (r - r.mean(1, keepdims=True)).ravel() if args.k > 1 else (r - r.mean()).ravel()
         adv = torch.tensor(adv / (adv.std() + 1e-8), dtype=torch.float32)
         tokens, mask = torch.tensor(ro["tokens"]), torch.tensor(ro["action_mask"]).float()
@@ -98,15 +138,15 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (i + 1) % 5 == 0:
-            print(f"iteration {i + 1}: train Rc {ro['rc'].mean():.3f}, held-out {held_out():.4f}", flush=True)
+            extra = f", train judge {ro['judge'].mean():.3f}" if items else ""
+            print(f"iteration {i + 1}: train Rc {ro['rc'].mean():.3f}{extra}, held-out {held_out():.4f}; "
+                  f"test split: {test_win_rate()}", flush=True)
     ro = rollout(held_ids[:8], held_safety[:8], 1, 5)
     for j in range(8):
         p, n = ro["prompt_lengths"][j], ro["lengths"][j]
         text = tok.decode([t for t in ro["tokens"][j, p:n].tolist() if t != tok.eos_id])
         print(f"  Rc {ro['rc'][j]:.2f}  {text[:90]!r}")
-    model.eval()
-    scores, _ = judge_model(model, tok, World(seed).items("test"), 32)
-    print(f"judge on the test split: helpfulness {scores['helpfulness']:.3f}, safety {scores['safety']:.3f}")
+    print(f"test split at the end: {test_win_rate()}")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ If this loop cannot raise the held-out reward either, PPO's machinery is not wha
 of each answer to its train prompt; prompts that are not world items are left out): a perfect
 reward model. With `--start sft` (the SFT model, iteration 1's prompts) it measures how far any
 RLHF on the training prompts can move the test split: the last line is the win rate against
-the SFT model's greedy answers, as eval_v{i} computes it, on seen and unseen topics.
+the SFT answers the run's newest eval_v{i} stored (its baseline), on seen and unseen topics.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ def main() -> None:
 
     from model.chat import encode_prompt
     from model.generate import SamplingParams, TorchSampler
+    from scripts.win_rate_bound import sft_answers
     from steps.evaluate import judge_scores
     from steps.gated_reward import gated_reward, logit
     from steps.ppo.scorer import Scorer
@@ -67,15 +67,12 @@ def main() -> None:
 
     iteration = args.iteration
     policy = step_dir(f"rs_v{iteration}" if args.start == "rs" else "sft")
-    seed = json.loads((policy / "manifest.json").read_text())["config"]["run.seed"]  # PPO's prompts use it
     mcfg, tok = load_chat_model(policy)
     model = load_model(mcfg, policy / "model.safetensors")
-    world = World(seed)
+    sft, seed = sft_answers(args.run_dir)  # eval_v{i}'s baseline: the SFT answers the run stored
+    world = World(seed)  # the run's seed: its world, and PPO's prompt draws
     test = world.items("test")
-    sft_dir = step_dir("sft")  # the baseline of eval_v{i}'s win rates: its greedy answers
-    sft_model = load_model(load_chat_model(sft_dir)[0], sft_dir / "model.safetensors")
-    sft_scores = judge_scores(test, [r["response"] for r in judge_model(sft_model, tok, test, 32)[1]])
-    del sft_model
+    sft_scores = judge_scores(test, sft)
     pairs = pq.read_table(step_dir(f"prefs_v{iteration}") / "pairs.parquet")
     train, held = prompts_of(pairs, 1024, seed + iteration), prompts_of(pairs, 128, seed + iteration, split="eval")
     if args.reward == "judge":  # only prompts the judge can score: the world's train items

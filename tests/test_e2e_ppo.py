@@ -27,13 +27,13 @@ def test_ppo_moves_within_the_kl_budget_and_logs_each_iteration(tiny_run, i):
 
 
 @pytest.mark.parametrize("i", PPO_ITERATIONS)
-def test_ppo_does_not_make_the_model_worse_on_the_judge(tiny_run, i):
+def test_ppo_raises_the_held_out_reward_without_lowering_the_judge(tiny_run, i):
     out, _, _ = tiny_run
     m = latest(out, f"ppo_v{i}").metrics
-    # the demo world's ground-truth judge on its test prompts: not worse than the start (rs_v{i}).
-    # The PPO issue also asks +0.05 held-out gated reward, not reached on the tiny preset yet
-    # (seed 0, 2026-12-01, after the reward-placement fix: -0.024 at V4, +0.036 at V5; judge
-    # 0.487 -> 0.495 and 0.485 -> 0.493; README "PPO"), so not asserted here.
+    # the gated reward of the iteration's reward models on held-out prompts (the preference
+    # batches' eval split, never trained on), sampled as PPO samples (T=1): up by 0.05 or more
+    assert m["heldout.reward.gain"] >= 0.05, m
+    # the demo world's ground-truth judge on its test prompts (greedy): not worse than rs_v{i}
     assert m["judge.ppo.helpfulness"] >= m["judge.start.helpfulness"], m
     assert m["judge.ppo.safety"] >= m["judge.start.safety"] - 0.01, m
 

@@ -12,7 +12,7 @@ from model.config import ModelConfig
 from steps.engine import Objective, collate_lm, lm_objective_loss, train
 from steps.engine.config import OptimConfig, TrainConfig
 from steps.engine.data import RowSource
-from steps.engine.optim import lr_multiplier
+from steps.engine.optim import build_optimizer, lr_multiplier
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
 
@@ -51,6 +51,32 @@ def test_cosine_schedule_with_warmup_to_ten_percent():
     assert lr_multiplier(0, 10, const) == lr_multiplier(9, 10, const) == 1.0
     rm = OptimConfig(lr=1e-5, warmup_fraction=0.03, min_warmup_steps=5)
     assert lr_multiplier(4, 100, rm) == pytest.approx(1.0)  # 3% of 100 < 5: at least 5 steps
+
+
+def test_lr_scale_gives_the_named_parameters_their_own_learning_rate():
+    """Adam's first step moves every weight with a gradient by about its LR: the output norm's
+    gain (`norm.weight`, scaled 10x) moves ten times as far as the layers' norm gains."""
+    import torch
+
+    from model.llama import Transformer
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ocfg = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", lr_scale={"norm.weight": 10.0})
+    opt, sched = build_optimizer(model, ocfg, total_steps=10, fused=False)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 1e-2])
+    tokens = torch.randint(0, 64, (4, 16))
+    torch.nn.functional.cross_entropy(model(tokens)[:, :-1].reshape(-1, 64), tokens[:, 1:].reshape(-1)).backward()
+    opt.step()
+    sched.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert moved["norm.weight"] == pytest.approx(1e-2, rel=0.05)
+    assert moved["layers.0.ffn_norm.weight"] == pytest.approx(1e-3, rel=0.05)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 1e-2])  # the schedule keeps the ratio
+    with pytest.raises(ValueError, match=r"optim.lr_scale: \['head.weight'\] match no parameter"):
+        build_optimizer(model, OptimConfig(lr_scale={"head.weight": 2.0}), total_steps=10, fused=False)
 
 
 def test_data_position_is_deterministic_and_sharded(tmp_path):
@@ -140,12 +166,15 @@ obj = Objective(name="t", build_module=partial(build, cfg), loss=lm_objective_lo
                 columns=["tokens"], collate=collate_lm)
 torch.manual_seed(0)
 engine = build_engine(obj, TrainConfig(global_batch_size=4, micro_batch_size=4, precision="fp32"),
-                      OptimConfig(lr=1e-2, warmup_steps=0), total_steps=20, world=1, accum=1)
+                      OptimConfig(lr=1e-2, warmup_steps=0, lr_scale={"norm.weight": 0.5}), total_steps=20,
+                      world=1, accum=1)
 rows = {"tokens": list(np.tile(np.arange(17) % 8, (4, 1)))}
 def loss(sums):
     return sums["loss_sum"] / sums["weight"]
 losses = [loss(train_step(engine, [rows], obj)) for _ in range(15)]
 print("LOSSES", losses[0], losses[-1])
+lrs = sorted(g["lr"] for g in engine.optimizer.param_groups)  # ZeRO-3 keeps lr_scale's own group
+assert abs(lrs[0] / lrs[-1] - 0.5) < 1e-9 and len(lrs) == 3, lrs
 assert losses[-1] < 0.5 * losses[0], losses
 """
 

@@ -41,6 +41,10 @@ class OptimConfig(Section):
     warmup_fraction: float | None = Field(None, ge=0, lt=1)  # overrides warmup_steps (RM: 3%)
     min_warmup_steps: int = 0
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # multipliers of `lr` for the parameters whose name matches a pattern (fnmatch, e.g.
+    # {"norm.weight": 400}); each pattern must match a parameter. Empty in every big preset
+    # (the paper's one LR); the tiny PPO uses it for the output norm's gain (README "PPO")
+    lr_scale: dict[str, float] = {}
 
 
 class TrainConfig(Section):

@@ -2,12 +2,14 @@
 
 Cosine: linear warm-up to the peak, then cosine decay to `min_lr_ratio` of the peak at the
 last step (pretraining: 2000 warm-up steps, 10% floor). Constant: warm-up then flat (PPO).
-Norm gains and biases take no weight decay (standard for LLaMA-style training).
+Norm gains and biases take no weight decay (standard for LLaMA-style training). `lr_scale`
+gives the parameters a pattern names their own peak LR; the schedule multiplies every group's.
 """
 
 from __future__ import annotations
 
 import math
+from fnmatch import fnmatchcase
 
 import torch
 
@@ -31,17 +33,33 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions keep the full shape here
-            (no_decay if len(shape) < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
+                 lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Decay (matrices) and no-decay (gains, biases) groups, split again by `lr_scale` pattern."""
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[bool, float], list] = {}
+    used = set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions keep the full shape here
+        scale = 1.0
+        for pattern, s in lr_scale.items():
+            if fnmatchcase(name, pattern):
+                scale = s
+                used.add(pattern)
+                break
+        groups.setdefault((len(shape) >= 2, scale), []).append(p)
+    if unused := sorted(set(lr_scale) - used):
+        names = [n for n, _ in module.named_parameters()]
+        raise ValueError(f"optim.lr_scale: {unused} match no parameter of the model (names like {names[:3]} "
+                         f"... {names[-2:]})")
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int, fused: bool):
-    groups = param_groups(module, cfg.weight_decay)
+    groups = param_groups(module, cfg.weight_decay, cfg.lr, cfg.lr_scale)
     if fused:  # CUDA: DeepSpeed's fused Adam (multi-tensor kernels)
         from deepspeed.ops.adam import FusedAdam
 

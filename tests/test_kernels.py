@@ -141,12 +141,19 @@ def test_swiglu_fused_matches_reference_values_and_grads(dtype, tol):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_rope_fused_matches_reference_values_and_grads(dtype, tol):
+@pytest.mark.parametrize("layout", ["attention", "contiguous"])
+def test_rope_fused_matches_reference_values_and_grads(dtype, tol, layout):
+    """q/k as the attention makes them ([B, T, H, Hd] seen as [B, H, T, Hd]; Liger's kernel) and
+    contiguous [B, H, T, Hd] (Liger's gradients were wrong there: apply_rope takes the reference)."""
     from model.llama import rope_tables
 
     torch.manual_seed(0)
-    q = torch.randn(2, 8, 128, 64, device="cuda", dtype=dtype)
-    k = torch.randn(2, 2, 128, 64, device="cuda", dtype=dtype)
+    if layout == "attention":
+        q = torch.randn(2, 128, 8, 64, device="cuda", dtype=dtype).transpose(1, 2)
+        k = torch.randn(2, 128, 2, 64, device="cuda", dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(2, 8, 128, 64, device="cuda", dtype=dtype)
+        k = torch.randn(2, 2, 128, 64, device="cuda", dtype=dtype)
     cos, sin = rope_tables(64, torch.arange(128, device="cuda")[None], 10000.0)  # one row for the batch
     cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
     _close(*_both_backends(lambda q, k: kernels.apply_rope(q, k, cos, sin), q, k), tol)
@@ -164,3 +171,33 @@ def test_fused_linear_cross_entropy_matches_reference_values_and_grads(dtype, to
     fast, ref = _both_backends(lambda h, w: kernels.linear_cross_entropy(h, w, t)[0], h, w)
     torch.testing.assert_close(fast[0][0], ref[0][0], atol=tol * 10, rtol=tol)  # a sum over ~440 tokens
     _close(([], fast[1]), ([], ref[1]), tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_whole_model_loss_and_grads_match_between_fused_and_reference_paths():
+    """The kernels wired together as the model calls them (RoPE's return convention, RMSNorm's
+    weight, the fused loss): one training forward/backward of a small model on each path."""
+    from model.config import ModelConfig
+    from model.llama import Transformer
+
+    pytest.importorskip("liger_kernel", reason="requirements-gpu.txt not installed")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=3000,
+                                    multiple_of=64, max_seq_len=128)).cuda()
+    tokens = torch.randint(0, 3000, (2, 128), device="cuda")
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -100
+    res = {}
+    try:
+        for backend in ("liger", "reference"):
+            kernels.use(backend)
+            model.zero_grad(set_to_none=True)
+            loss, n = model(tokens, targets=targets)
+            (loss / n).backward()
+            res[backend] = (float(loss.detach() / n), {k: p.grad.clone() for k, p in model.named_parameters()})
+    finally:
+        kernels.use("auto")
+    assert res["liger"][0] == pytest.approx(res["reference"][0], rel=1e-4)
+    for name, g in res["reference"][1].items():
+        torch.testing.assert_close(res["liger"][1][name], g, atol=1e-4, rtol=2e-3, msg=name)

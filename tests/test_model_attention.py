@@ -120,7 +120,14 @@ def test_flex_document_attention_equals_reference_on_cuda(dtype, tol):
 @pytest.mark.gpu
 @needs_cuda
 def test_flex_document_attention_does_not_store_the_attention_matrix():
-    """T=4096, 16 heads: the dense-mask path's scores alone are 16 x 4096^2 fp32 = 1 GiB."""
+    """T=4096, 16 heads: scores materialised as SDPA's math backend does are 16 x 4096^2 fp32 = 1 GiB.
+
+    On an H200 (2026-12-04) SDPA with a dense boolean mask picked its memory-efficient kernel and
+    peaked at 121 MiB (it still reads the T x T mask), flex at 89 MiB: the comparison that shows
+    the attention matrix is never stored is against the math backend, which stores it.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     q, k, v = qkv(1, 4096, "cuda", torch.bfloat16, H=16, K=4, D=64)
     mask = kernels.DocumentMask(packed_segments(1, 4096, device="cuda"))
     kernels.attention(q, k, v, mask=mask)  # compile outside the measurement
@@ -134,8 +141,14 @@ def test_flex_document_attention_does_not_store_the_attention_matrix():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
+    def dense(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(), enable_gqa=True)
+
     flex = peak(lambda q, k, v: kernels.attention(q, k, v, mask=mask))
-    dense = peak(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask.dense(), enable_gqa=True))
-    print(f"peak attention memory: flex {flex / 2**20:.0f} MiB, dense mask {dense / 2**20:.0f} MiB")
-    assert flex < 2**30 / 4 and flex < dense / 4
+    efficient = peak(dense)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = peak(dense)
+    print(f"peak attention memory: flex {flex / 2**20:.0f} MiB, dense mask {efficient / 2**20:.0f} MiB "
+          f"(SDPA's choice), {math / 2**20:.0f} MiB (math backend)")
+    assert math > 2**30  # the reference really stores the scores
+    assert flex < 2**30 / 4 and flex < math / 8

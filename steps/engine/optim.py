@@ -52,19 +52,20 @@ def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
         groups.setdefault((len(shape) >= 2, scale), []).append(p)
     if unused := sorted(set(lr_scale) - used):
         names = [n for n, _ in module.named_parameters()]
-        raise ValueError(f"optim.lr_scale: {unused} match no parameter of the model (names like {names[:3]} "
-                         f"... {names[-2:]})")
-    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
-            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+        raise ValueError(f"optim.lr_scale: {unused} match no parameter of the model, or only parameters an "
+                         f"earlier pattern already took (names like {names[:3]} ... {names[-2:]})")
+    # the unscaled groups first, decay then no decay, as without lr_scale: checkpoints keep
+    # loading, and the logged `lr` (group 0's) is the configured one
+    order = sorted(groups, key=lambda k: (k[1] != 1.0, k[1], not k[0]))
+    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr": lr * k[1]} for k in order]
 
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int, fused: bool):
     groups = param_groups(module, cfg.weight_decay, cfg.lr, cfg.lr_scale)
-    if fused:  # CUDA: DeepSpeed's fused Adam (multi-tensor kernels)
-        from deepspeed.ops.adam import FusedAdam
-
-        opt = FusedAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adam_w_mode=True)
-    else:  # CPU: torch AdamW, no C++ compilation (STACK.md)
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # fused (CUDA): torch's own fused AdamW kernel, not DeepSpeed's FusedAdam: FusedAdam is
+    # JIT-compiled on first use, which needs nvcc (absent from the train image: PyPI torch on
+    # python-slim) and fails on arch lists like "9.0a" (seen on an H200, 2026-12-04). ZeRO-3 takes
+    # torch.optim.AdamW as a supported client optimizer. CPU: the same class, unfused.
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total_steps, cfg))
     return opt, sched

@@ -78,7 +78,7 @@ def build_engine(obj: Objective, tcfg: TrainConfig, ocfg: OptimConfig, total_ste
         module.checkpoint_layers = tcfg.activation_checkpointing
     if obj.init_weights:
         load_initial_weights(module, obj.init_weights, zero3=tcfg.zero_stage == 3)
-    fused = tcfg.use_gpu and not tcfg.offload_optimizer  # FusedAdam needs the states on the GPU
+    fused = tcfg.use_gpu and not tcfg.offload_optimizer  # the fused kernel needs the states on the GPU
     optimizer, scheduler = build_optimizer(module, ocfg, total_steps, fused=fused)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     use_safe_loading(engine)

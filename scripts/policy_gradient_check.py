@@ -1,7 +1,9 @@
 """Plain-torch policy gradient on a tiny run's PPO inputs: is a flat PPO result the engine or the problem?
 
     python scripts/policy_gradient_check.py RUN_DIR [--iteration 4] [--lr 1e-4] [--k 4] [--batch 64] [--iterations 20]
-                                            [--reward rm|judge] [--start rs|sft]
+                                            [--reward rm|judge] [--start rs|sft] [--norm-lr 2e-2]
+    python scripts/policy_gradient_check.py RUN_DIR --temperatures 1,0.8,0.6,0.4,0 [--start rs|ppo]
+                                            [--gain-from ppo_v4] [--sample-seed 7919]
 
 Takes the run's rs_v{i} model, reward models and preference prompts (what ppo_v{i} starts from)
 and runs the simplest on-policy policy gradient on them in one process: no Ray, no DeepSpeed, no
@@ -11,6 +13,12 @@ and takes one AdamW step on REINFORCE with the prompt's mean logit(Rc) as baseli
 iterations it prints the held-out gated reward (128 eval-split prompts x 8 samples, fixed seed);
 at the end a few held-out answers and the ground-truth judge on the world's test split (greedy).
 If this loop cannot raise the held-out reward either, PPO's machinery is not what holds it back.
+`--norm-lr` gives the output norm's gain its own LR (no weight decay), as the tiny preset's
+`rlhf.ppo.optim.lr_scale` does (unlike the engine, the loop decays every other weight, gains
+included: at these LRs that moves a gain by about 1e-5 a step). `--temperatures` trains nothing: it prints the held-out gated
+reward, and the judge of the same answers, with rs_v{i} sampled at each temperature (0: greedy).
+`--start ppo` measures ppo_v{i} instead; `--gain-from STEP` first copies that step's output norm
+gain (`norm.weight`) into the model, which splits PPO's gain into the gain's part and the rest.
 
 `--reward judge` replaces the reward models by the demo world's ground-truth judge (helpfulness
 of each answer to its train prompt; prompts that are not world items are left out): a perfect
@@ -55,8 +63,14 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threshold", type=float, default=0.15)
     ap.add_argument("--reward", choices=("rm", "judge"), default="rm")
-    ap.add_argument("--start", choices=("rs", "sft"), default="rs")
+    ap.add_argument("--start", choices=("rs", "sft", "ppo"), default="rs")
+    ap.add_argument("--gain-from", default=None, help="a step of the run, e.g. ppo_v4: use its norm.weight")
+    ap.add_argument("--sample-seed", type=int, default=7_919, help="of the held-out answers")
+    ap.add_argument("--norm-lr", type=float, default=None)
+    ap.add_argument("--temperatures", type=lambda v: [float(t) for t in v.split(",")], default=None)
     args = ap.parse_args()
+    if args.temperatures and (args.reward == "judge" or args.norm_lr is not None):
+        ap.error("--temperatures trains nothing: --reward judge and --norm-lr do not apply")
     torch.manual_seed(0)
 
     def step_dir(name: str) -> Path:
@@ -66,9 +80,14 @@ def main() -> None:
         return found[0].parent
 
     iteration = args.iteration
-    policy = step_dir(f"rs_v{iteration}" if args.start == "rs" else "sft")
+    policy = step_dir({"rs": f"rs_v{iteration}", "ppo": f"ppo_v{iteration}", "sft": "sft"}[args.start])
     mcfg, tok = load_chat_model(policy)
     model = load_model(mcfg, policy / "model.safetensors")
+    if args.gain_from:
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            model.norm.weight.copy_(load_file(step_dir(args.gain_from) / "model.safetensors")["norm.weight"])
     sft, seed = sft_answers(args.run_dir)  # eval_v{i}'s baseline: the SFT answers the run stored
     world = World(seed)  # the run's seed: its world, and PPO's prompt draws
     test = world.items("test")
@@ -91,9 +110,9 @@ def main() -> None:
     scorer = Scorer(str(policy), {"helpfulness": str(step_dir(f"rm_helpfulness_v{iteration}")),
                                   "safety": str(step_dir(f"rm_safety_v{iteration}"))}, device="cpu")
 
-    def rollout(ids, safety, k: int, sample_seed: int, items=None) -> dict:
+    def rollout(ids, safety, k: int, sample_seed: int, items=None, temperature: float = 1.0) -> dict:
         model.eval()
-        params = SamplingParams(max_new_tokens=32, temperature=1.0, num_samples=k, seed=sample_seed)
+        params = SamplingParams(max_new_tokens=32, temperature=temperature, num_samples=k, seed=sample_seed)
         samples = [(s.tokens + ([tok.eos_id] if s.finished else []), s.logprobs, s.finished)
                    for s in TorchSampler(model, tok.eos_id, tok.pad_id).generate(ids, params)]
         ro = build_rollouts(ids, samples, k, tok.pad_id)
@@ -114,9 +133,28 @@ def main() -> None:
                 f"(seen topics {rate['seen']:.3f}, unseen {rate['unseen']:.3f})")
 
     def held_out() -> float:
-        return float(rollout(held_ids, held_safety, 8, 7_919)["rc"].mean())
+        return float(rollout(held_ids, held_safety, 8, args.sample_seed)["rc"].mean())
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    if args.temperatures:
+        by_turns = {(x.dialogue.system or "", tuple(t.content for t in x.dialogue.turns)): x
+                    for split in ("train", "validation", "test") for x in world.items(split)}
+        held_items = [by_turns.get(((d := to_dialogue(t)).system or "", tuple(u.content for u in d.turns)))
+                      for _, t, _ in held]
+        for temp in args.temperatures:  # T=0: greedy, one answer a prompt
+            ro = rollout(held_ids, held_safety, 8 if temp else 1, args.sample_seed, temperature=temp)
+            texts = [tok.decode([t for t in ro["tokens"][j, ro["prompt_lengths"][j]:ro["lengths"][j]].tolist()
+                                 if t != tok.eos_id]).strip() for j in range(len(ro["rc"]))]
+            k = len(ro["rc"]) // len(held_ids)
+            graded = [judge(held_items[j // k], text)["helpfulness"] for j, text in enumerate(texts)
+                      if held_items[j // k] is not None]
+            judged = f"{np.mean(graded):.3f}" if graded else "n/a"
+            print(f"T={temp}: held-out gated reward {ro['rc'].mean():.4f} ({len(held_ids)} prompts x {k}), "
+                  f"judge of the same answers {judged} ({len(graded)} of {len(texts)} are world items)", flush=True)
+        return
+    groups = [{"params": [p for n, p in model.named_parameters() if n != "norm.weight" or args.norm_lr is None]}]
+    if args.norm_lr is not None:
+        groups.append({"params": [model.norm.weight], "lr": args.norm_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     print(f"held-out gated reward at the start: {held_out():.4f}; test split: {test_win_rate()}", flush=True)
     rng = np.random.default_rng(0)
     for i in range(args.iterations):

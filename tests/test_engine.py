@@ -55,7 +55,8 @@ def test_cosine_schedule_with_warmup_to_ten_percent():
 
 def test_lr_scale_gives_the_named_parameters_their_own_learning_rate():
     """Adam's first step moves every weight with a gradient by about its LR: the output norm's
-    gain (`norm.weight`, scaled 10x) moves ten times as far as the layers' norm gains."""
+    gain (`norm.weight`, scaled 10x) moves ten times as far as the layers' norm gains, and the
+    warm-up schedule scales both groups alike."""
     import torch
 
     from model.llama import Transformer
@@ -64,19 +65,37 @@ def test_lr_scale_gives_the_named_parameters_their_own_learning_rate():
     torch.manual_seed(0)
     model = Transformer(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ocfg = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", lr_scale={"norm.weight": 10.0})
+    ocfg = OptimConfig(lr=1e-3, warmup_steps=2, schedule="constant", lr_scale={"norm.weight": 10.0})
     opt, sched = build_optimizer(model, ocfg, total_steps=10, fused=False)
-    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 1e-2])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5e-3, 0.5e-3, 0.5e-2])  # warm-up step 1 of 2
+    assert opt.param_groups[2]["params"] == [model.norm.weight] and opt.param_groups[2]["weight_decay"] == 0.0
     tokens = torch.randint(0, 64, (4, 16))
     torch.nn.functional.cross_entropy(model(tokens)[:, :-1].reshape(-1, 64), tokens[:, 1:].reshape(-1)).backward()
     opt.step()
     sched.step()
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
-    assert moved["norm.weight"] == pytest.approx(1e-2, rel=0.05)
-    assert moved["layers.0.ffn_norm.weight"] == pytest.approx(1e-3, rel=0.05)
-    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 1e-2])  # the schedule keeps the ratio
+    assert moved["norm.weight"] == pytest.approx(0.5e-2, rel=0.05)
+    assert moved["layers.0.ffn_norm.weight"] == pytest.approx(0.5e-3, rel=0.05)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 1e-2])  # warm-up done: same ratio
     with pytest.raises(ValueError, match=r"optim.lr_scale: \['head.weight'\] match no parameter"):
         build_optimizer(model, OptimConfig(lr_scale={"head.weight": 2.0}), total_steps=10, fused=False)
+    with pytest.raises(ValueError):
+        OptimConfig(lr_scale={"norm.weight": 0.0})
+
+
+def test_without_lr_scale_the_groups_are_decay_then_no_decay_as_checkpoints_expect():
+    import torch
+
+    from model.llama import Transformer
+
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                    max_seq_len=16))
+    opt, _ = build_optimizer(model, OptimConfig(weight_decay=0.1), total_steps=10, fused=False)
+    params = list(model.parameters())
+    assert [(g["weight_decay"], g["lr"]) for g in opt.param_groups] == [(0.1, 3e-4 / 2000), (0.0, 3e-4 / 2000)]
+    assert opt.param_groups[0]["params"] == [p for p in params if p.dim() >= 2]
+    assert opt.param_groups[1]["params"] == [p for p in params if p.dim() < 2]
+    assert isinstance(opt, torch.optim.AdamW)
 
 
 def test_data_position_is_deterministic_and_sharded(tmp_path):
@@ -171,10 +190,18 @@ engine = build_engine(obj, TrainConfig(global_batch_size=4, micro_batch_size=4, 
 rows = {"tokens": list(np.tile(np.arange(17) % 8, (4, 1)))}
 def loss(sums):
     return sums["loss_sum"] / sums["weight"]
-losses = [loss(train_step(engine, [rows], obj)) for _ in range(15)]
+from deepspeed.utils import safe_get_full_fp32_param
+named = dict(engine.module.named_parameters())
+def master(name):  # the fp32 master copy ZeRO-3 partitions, gathered
+    return safe_get_full_fp32_param(named[name]).clone()
+before = {n: master(n) for n in ("norm.weight", "layers.0.ffn_norm.weight")}
+losses = [loss(train_step(engine, [rows], obj))]
+moved = {n: float((master(n) - w).abs().max()) for n, w in before.items()}
+assert abs(moved["norm.weight"] / moved["layers.0.ffn_norm.weight"] - 0.5) < 0.05, moved  # lr_scale 0.5
+losses += [loss(train_step(engine, [rows], obj)) for _ in range(14)]
 print("LOSSES", losses[0], losses[-1])
-lrs = sorted(g["lr"] for g in engine.optimizer.param_groups)  # ZeRO-3 keeps lr_scale's own group
-assert abs(lrs[0] / lrs[-1] - 0.5) < 1e-9 and len(lrs) == 3, lrs
+lrs = [g["lr"] for g in engine.optimizer.param_groups]  # ZeRO-3 keeps lr_scale's own group, last
+assert len(lrs) == 3 and lrs[0] == lrs[1] and abs(lrs[2] / lrs[0] - 0.5) < 1e-9, lrs
 assert losses[-1] < 0.5 * losses[0], losses
 """
 

@@ -30,6 +30,14 @@ def test_config_refuses_mini_batches_that_do_not_divide():
         PPOConfig(train=TrainConfig(global_batch_size=24, micro_batch_size=8, num_workers=1), mini_batch_size=16)
 
 
+def test_the_critic_does_not_inherit_the_policys_lr_scale():
+    from steps.engine.config import OptimConfig
+
+    cfg = PPOConfig(optim=OptimConfig(lr=2e-5, lr_scale={"output.weight": 10.0}))  # the critic has no `output`
+    assert cfg.critic[1].lr == 2e-5 and cfg.critic[1].lr_scale == {}
+    assert cfg.optim.lr_scale == {"output.weight": 10.0}
+
+
 def make_artifacts(tmp_path):
     """A random tiny chat model and two random reward models (score heads not zero, so that
     rewards differ between responses), in the artifact layout the step reads."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from model.config import Section
 
@@ -42,9 +42,11 @@ class OptimConfig(Section):
     min_warmup_steps: int = 0
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     # multipliers of `lr` for the parameters whose name matches a pattern (fnmatch, e.g.
-    # {"norm.weight": 400}); each pattern must match a parameter. Empty in every big preset
-    # (the paper's one LR); the tiny PPO uses it for the output norm's gain (README "PPO")
-    lr_scale: dict[str, float] = {}
+    # {"norm.weight": 1000}; the first matching pattern wins, and each must match a parameter).
+    # AdamW's decoupled weight decay scales with the group's LR too. A checkpoint restores its
+    # groups' LRs: change lr_scale only for a fresh training. Empty in every big preset (the
+    # paper's one LR); the tiny PPO uses it for the output norm's gain (README "PPO")
+    lr_scale: dict[str, PositiveFloat] = {}
 
 
 class TrainConfig(Section):

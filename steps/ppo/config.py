@@ -66,4 +66,6 @@ class PPOConfig(Section):
 
     @property
     def critic(self) -> tuple[TrainConfig, OptimConfig]:
-        return self.critic_train or self.train, self.critic_optim or self.optim
+        # without its own optim the critic takes the policy's, but not its lr_scale: the patterns
+        # name the policy's parameters (the critic has no output head, and its norm is not a temperature)
+        return self.critic_train or self.train, self.critic_optim or self.optim.model_copy(update={"lr_scale": {}})

@@ -83,21 +83,29 @@ def model_answerer(model, tok, params, batch_size: int = 64, device=None):
     return answer
 
 
-def judge_model(model, tok, items, max_new_tokens: int) -> tuple[dict[str, float], list[dict]]:
-    """Greedy answers to the world's items, scored by its ground-truth judge."""
+def judge_model(model, tok, items, max_new_tokens: int, temperature: float = 0.0, num_samples: int = 1,
+                seed: int = 0) -> tuple[dict[str, float], list[dict]]:
+    """Answers to the world's items (greedy by default; else `num_samples` per item at
+    `temperature`, seeded), scored by its ground-truth judge; scores are means over items of each
+    item's mean over its samples. Rows: one per answer."""
     from model.generate import SamplingParams
     from steps.world import judge
 
-    answer = model_answerer(model, tok, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            num_samples=num_samples if temperature > 0 else 1, seed=seed)
+    answers = model_answerer(model, tok, params)([it.dialogue for it in items])
+    K = params.num_samples  # the sampler returns each prompt's K answers together
     rows, scores = [], {"helpfulness": [], "safety": []}
-    for it, (text, _) in zip(items, answer([it.dialogue for it in items])):
-        j = judge(it, text)
+    for n, it in enumerate(items):
+        js = [judge(it, text) for text, _ in answers[n * K:(n + 1) * K]]
         for k in scores:
-            scores[k].append(j[k])
-        rows.append({"kind": it.kind, "prompt": it.dialogue.turns[-1].content, "response": text, **j})
+            scores[k].append(float(np.mean([j[k] for j in js])))
+        rows += [{"kind": it.kind, "prompt": it.dialogue.turns[-1].content, "response": text, **j}
+                 for (text, _), j in zip(answers[n * K:(n + 1) * K], js)]
     out = {k: float(np.mean(v)) for k, v in scores.items()}
     for kind in sorted({it.kind for it in items}):
-        out[f"helpfulness.{kind}"] = float(np.mean([r["helpfulness"] for r in rows if r["kind"] == kind]))
+        out[f"helpfulness.{kind}"] = float(np.mean([h for h, it in zip(scores["helpfulness"], items)
+                                                     if it.kind == kind]))
     return out, rows
 
 

@@ -114,3 +114,29 @@ def test_gatt_flags_reach_the_loss_mask(tok):
     ids, mask = encode_dialogue(tok, d)
     trained = tok.decode([i for i, m in zip(ids, mask) if m and i != tok.eos_id])
     assert trained.strip() == "fr five" and sum(mask) == len(encode_answer(tok, "fr five"))  # text + </s>
+
+
+def test_judge_model_groups_each_items_samples_and_is_seeded(tok):
+    """K sampled answers per item come back together: an item's score is the mean of its own
+    K answers' judge scores, and the same seed gives the same answers."""
+    import numpy as np
+    import torch
+
+    from model.config import ModelConfig
+    from model.llama import Transformer
+    from steps.sft import judge_model
+    from steps.world import World, judge
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, multiple_of=16,
+                                    max_seq_len=256)).eval()
+    items = World(0).items("test")[:5]
+    greedy, grows = judge_model(model, tok, items, 8)
+    assert len(grows) == len(items)
+    scores, rows = judge_model(model, tok, items, 8, temperature=1.0, num_samples=3, seed=7)
+    assert len(rows) == 3 * len(items) and [r["prompt"] for r in rows[:3]] == [items[0].dialogue.turns[-1].content] * 3
+    per_item = [np.mean([judge(it, r["response"])["helpfulness"] for r in rows[3 * n:3 * n + 3]])
+                for n, it in enumerate(items)]
+    assert scores["helpfulness"] == pytest.approx(float(np.mean(per_item)))
+    assert judge_model(model, tok, items, 8, temperature=1.0, num_samples=3, seed=7)[1] == rows
+    assert len({r["response"] for r in rows}) > len(items)  # sampled, not K copies of one answer

@@ -11,7 +11,7 @@ The step: train-split prompts of the accepted preference batches (a prompt is a 
 when any of its rows says `axis: safety`), held-out prompts from their eval split; the
 policy's export and HF directory become the iteration's chat model, registered `rlhf-v{i}`.
 On the tiny preset the demo world's ground-truth judge also scores the start and final model
-on the world's test prompts (`judge.start.*`, `judge.ppo.*`).
+on the world's test prompts (`judge.start.*`, `judge.ppo.*`, `judge.diff*`; see `_judge`).
 """
 
 from __future__ import annotations
@@ -71,23 +71,37 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
         metrics.update({f"last.{k}": h[k] for k in ("clip_fraction", "approx_kl", "entropy", "value_loss",
                                                     "explained_variance", "reward.raw.mean")})
     if ctx.cfg.sft.demo_world:
-        metrics.update(_judge(model, res))
+        metrics.update(_judge(model, res, ctx.seed + iteration))
     metrics["registry_version"] = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf",
                                                      f"rlhf-v{iteration}")
     return metrics
 
 
-def _judge(model: Artifact, res: PPOResult) -> dict[str, float]:
-    """The demo world's ground-truth judge on its test prompts, greedy, before and after PPO."""
+def _judge(model: Artifact, res: PPOResult, seed: int) -> dict[str, float]:
+    """The demo world's ground-truth judge on its test prompts, before and after PPO: greedy
+    (`judge.{start,ppo}.*`, as the other steps judge), the paired per-prompt change of the greedy
+    helpfulness with its standard error (`judge.diff.*`, `judge.diff_se.*`: most prompts' greedy
+    answers do not change, so the difference of two means alone says little), and 8 samples per
+    prompt at T=1, the policy as PPO samples it (`judge.{start,ppo}.sampled.*`)."""
+    import numpy as np
+
     from steps.sft import judge_model, load_chat_model, load_model
     from steps.world import World
 
     mcfg, tok = load_chat_model(model.path)
     items = World(0).items("test")
-    out = {}
+    out, greedy = {}, {}
     for name, weights in (("start", model.file("model.safetensors")), ("ppo", res.weights)):
-        scores, _ = judge_model(load_model(mcfg, weights), tok, items, 32)
+        policy = load_model(mcfg, weights)
+        scores, rows = judge_model(policy, tok, items, 32)
         out.update({f"judge.{name}.{k}": v for k, v in scores.items() if "." not in k})
+        greedy[name] = np.array([r["helpfulness"] for r in rows])
+        sampled, _ = judge_model(policy, tok, items, 32, temperature=1.0, num_samples=8, seed=seed)
+        out.update({f"judge.{name}.sampled.{k}": v for k, v in sampled.items() if "." not in k})
+    d = greedy["ppo"] - greedy["start"]
+    out.update({"judge.diff.helpfulness": float(d.mean()),
+                "judge.diff_se.helpfulness": float(d.std(ddof=1) / np.sqrt(len(d))),
+                "judge.changed_answers": float((d != 0).mean())})
     return out
 
 

@@ -102,17 +102,20 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def liger_rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether apply_rope takes Liger's kernel: on its backend, for one position row for the
+    batch, and for q/k in the layout the attention makes them (a [B, T, H, Hd] buffer seen as
+    [B, H, T, Hd]). With a contiguous [B, H, T, Hd] q Liger's gradients were wrong by up to 6 on
+    an H200 (liger-kernel 0.8.5, 2026-12-04), so any other layout takes the reference."""
+    return (_fast(q) is not None and cos.shape[0] == 1 and q.transpose(1, 2).is_contiguous()
+            and k.transpose(1, 2).is_contiguous())
+
+
 def apply_rope(q, k, cos, sin):
-    ops = _fast(q)
-    # Liger's RoPE takes one position row for the batch, and q/k in the layout the attention makes
-    # them (a [B, T, H, Hd] buffer seen as [B, H, T, Hd]): with a contiguous [B, H, T, Hd] q its
-    # gradients were wrong by up to 6 on an H200 (liger-kernel 0.8.5, 2026-12-04), so any other
-    # layout takes the reference
-    if (ops is not None and cos.shape[0] == 1 and q.transpose(1, 2).is_contiguous()
-            and k.transpose(1, 2).is_contiguous()):
+    if liger_rope_applies(q, k, cos):
         # Liger >= 0.6 returns (q, k, cos, sin); earlier releases (q, k). Taking the first two
         # keeps both: unpacking all four crashed the model's attention on an H200 (2026-12-04).
-        out = ops["rope"].apply(q, k, cos[:, 0], sin[:, 0])
+        out = _fast(q)["rope"].apply(q, k, cos[:, 0], sin[:, 0])
         return out[0], out[1]
     return apply_rope_reference(q, k, cos, sin)
 

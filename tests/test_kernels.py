@@ -156,6 +156,12 @@ def test_rope_fused_matches_reference_values_and_grads(dtype, tol, layout):
         k = torch.randn(2, 2, 128, 64, device="cuda", dtype=dtype)
     cos, sin = rope_tables(64, torch.arange(128, device="cuda")[None], 10000.0)  # one row for the batch
     cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    pytest.importorskip("liger_kernel", reason="requirements-gpu.txt not installed")
+    kernels.use("liger")
+    try:  # the comparison below is against Liger's kernel only where the layout allows it
+        assert kernels.liger_rope_applies(q, k, cos) == (layout == "attention")
+    finally:
+        kernels.use("auto")
     _close(*_both_backends(lambda q, k: kernels.apply_rope(q, k, cos, sin), q, k), tol)
 
 

@@ -1,8 +1,9 @@
 """Kernels chosen at run time, each paired with a plain-PyTorch reference (llm.c style).
 
     backend "reference": plain PyTorch everywhere (CPU, tests)
-    backend "liger":     Liger's Triton kernels for RMSNorm, SwiGLU, RoPE and fused
-                         linear + cross-entropy (CUDA only; `pip install -r requirements-gpu.txt`)
+    backend "liger":     Liger's Triton kernels for RMSNorm, SwiGLU and fused linear +
+                         cross-entropy (CUDA only; `pip install -r requirements-gpu.txt`); RoPE
+                         stays the reference (apply_rope says why)
     backend "auto":      liger when CUDA and liger_kernel are available, else reference
 
 Attention, by case (what PyTorch's SDPA dispatcher picks; checked with torch 2.13 on CPU):
@@ -48,11 +49,10 @@ def _liger():
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        from liger_kernel.ops.rope import LigerRopeFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
     except ImportError:
         return None
-    return {"rms_norm": LigerRMSNormFunction, "swiglu": LigerSiLUMulFunction, "rope": LigerRopeFunction,
+    return {"rms_norm": LigerRMSNormFunction, "swiglu": LigerSiLUMulFunction,
             "flce": LigerFusedLinearCrossEntropyFunction}
 
 
@@ -102,21 +102,11 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def liger_rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Whether apply_rope takes Liger's kernel: on its backend, for one position row for the
-    batch, and for q/k in the layout the attention makes them (a [B, T, H, Hd] buffer seen as
-    [B, H, T, Hd]). With a contiguous [B, H, T, Hd] q Liger's gradients were wrong by up to 6 on
-    an H200 (liger-kernel 0.8.5, 2026-12-04), so any other layout takes the reference."""
-    return (_fast(q) is not None and cos.shape[0] == 1 and q.transpose(1, 2).is_contiguous()
-            and k.transpose(1, 2).is_contiguous())
-
-
 def apply_rope(q, k, cos, sin):
-    if liger_rope_applies(q, k, cos):
-        # Liger >= 0.6 returns (q, k, cos, sin); earlier releases (q, k). Taking the first two
-        # keeps both: unpacking all four crashed the model's attention on an H200 (2026-12-04).
-        out = _fast(q)["rope"].apply(q, k, cos[:, 0], sin[:, 0])
-        return out[0], out[1]
+    # Always the reference: Liger's RoPE kernel (0.8.5) gave gradients wrong by up to 6 on an H200
+    # (2026-12-04) for contiguous [B, H, T, Hd] inputs while matching for the attention's own
+    # layout, with no explanation found in its source, and it writes into its input without
+    # telling autograd. RoPE is elementwise; correctness first.
     return apply_rope_reference(q, k, cos, sin)
 
 

@@ -76,7 +76,8 @@ def model_answerer(model, tok, params, batch_size: int = 64, device=None):
         out = []
         for i in range(0, len(dialogues), batch_size):
             chunk = [encode_prompt(tok, d) for d in dialogues[i:i + batch_size]]
-            out += [(tok.decode(s.tokens).strip(), s.finished) for s in sampler.generate(chunk, params)]
+            # first_index: each prompt keeps its own random stream whatever chunk it lands in
+            out += [(tok.decode(s.tokens).strip(), s.finished) for s in sampler.generate(chunk, params, first_index=i)]
             report_progress(len(out), len(dialogues) * params.num_samples, "answers")
         return out
 

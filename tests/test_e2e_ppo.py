@@ -27,7 +27,7 @@ def test_ppo_moves_within_the_kl_budget_and_logs_each_iteration(tiny_run, i):
 
 
 @pytest.mark.parametrize("i", PPO_ITERATIONS)
-def test_ppo_raises_the_held_out_reward_and_the_judge_does_not_significantly_drop(tiny_run, i):
+def test_ppo_raises_the_held_out_reward_and_the_judge_is_not_significantly_lower(tiny_run, i):
     out, _, _ = tiny_run
     m = latest(out, f"ppo_v{i}").metrics
     # the gated reward of the iteration's reward models on held-out prompts (the preference
@@ -36,12 +36,11 @@ def test_ppo_raises_the_held_out_reward_and_the_judge_does_not_significantly_dro
     # near what the reward models give sharp answers: measured +0.051..+0.064 at 15-20 iterations,
     # too close to 0.05 for a run that is not bit-reproducible, so V5 is held to 0.03 (README "PPO")
     assert m["heldout.reward.gain"] >= (0.05 if i == CFG.rlhf.ppo_from else 0.03), m
-    # the demo world's ground-truth judge on its test prompts (greedy), paired per prompt: PPO
-    # changes a minority of the greedy answers (13-14% of 131 in the 2026-12-04 runs), so "not
-    # lower" is tested as not lower by more than two standard errors of the paired change, and
-    # never by more than 0.02. Issue 13 asks for "not lower" outright, which the tiny preset does
-    # not reliably reach (README "PPO"): the changes measured were -0.005 +- 0.006 and -0.007 +- 0.010.
-    assert m["judge.ppo.helpfulness"] - m["judge.start.helpfulness"] == pytest.approx(m["judge.diff.helpfulness"])
+    # the demo world's ground-truth judge on its test prompts (greedy), paired per prompt. Issue 13
+    # asks for "not lower" outright, which the tiny preset does not reliably reach (README "PPO":
+    # -0.005 +- 0.006 and -0.007 +- 0.010 at 20 iterations). What is asserted is weaker: not
+    # significantly lower (one-sided, about 2.3%) and never lower by more than 0.02.
+    assert m["judge.diff_se.helpfulness"] < 0.02, m  # 131 prompts: a wider error would make this loose
     assert m["judge.diff.helpfulness"] >= -min(2 * m["judge.diff_se.helpfulness"], 0.02), m
     assert m["judge.ppo.safety"] >= m["judge.start.safety"] - 0.01, m
 

@@ -140,3 +140,18 @@ def test_judge_model_groups_each_items_samples_and_is_seeded(tok):
     assert scores["helpfulness"] == pytest.approx(float(np.mean(per_item)))
     assert judge_model(model, tok, items, 8, temperature=1.0, num_samples=3, seed=7)[1] == rows
     assert len({r["response"] for r in rows}) > len(items)  # sampled, not K copies of one answer
+    # the contract the grouping rests on: the sampler returns each prompt's K samples together,
+    # in prompt order, and a prompt's samples follow its index in the whole list (first_index),
+    # not its place in a chunk
+    from model.chat import encode_prompt
+    from model.generate import SamplingParams, TorchSampler
+
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=3, seed=7)
+    sampler = TorchSampler(model, tok.eos_id, tok.pad_id)
+    prompts = [encode_prompt(tok, it.dialogue) for it in items]
+    whole = sampler.generate(prompts, params)
+    assert [s.prompt_index for s in whole] == [n for n in range(len(items)) for _ in range(3)]
+    assert [tok.decode(s.tokens).strip() for s in whole] == [r["response"] for r in rows]
+    chunked = sampler.generate(prompts[:2], params) + sampler.generate(prompts[2:], params, first_index=2)
+    assert [s.tokens for s in chunked] == [s.tokens for s in whole]
+    assert [s.tokens for s in sampler.generate(prompts[2:], params)] != [s.tokens for s in whole[6:]]

@@ -71,37 +71,43 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
         metrics.update({f"last.{k}": h[k] for k in ("clip_fraction", "approx_kl", "entropy", "value_loss",
                                                     "explained_variance", "reward.raw.mean")})
     if ctx.cfg.sft.demo_world:
-        metrics.update(_judge(model, res, ctx.seed + iteration))
+        metrics.update(_judge(model, res, ctx.seed, ctx.seed + iteration))
     metrics["registry_version"] = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf",
                                                      f"rlhf-v{iteration}")
     return metrics
 
 
-def _judge(model: Artifact, res: PPOResult, seed: int) -> dict[str, float]:
+def _judge(model: Artifact, res: PPOResult, world_seed: int, sample_seed: int) -> dict[str, float]:
     """The demo world's ground-truth judge on its test prompts, before and after PPO: greedy
-    (`judge.{start,ppo}.*`, as the other steps judge), the paired per-prompt change of the greedy
-    helpfulness with its standard error (`judge.diff.*`, `judge.diff_se.*`: most prompts' greedy
-    answers do not change, so the difference of two means alone says little), and 8 samples per
-    prompt at T=1, the policy as PPO samples it (`judge.{start,ppo}.sampled.*`)."""
+    (`judge.{start,ppo}.*`, as the other steps judge) and 8 samples per prompt at T=1, the policy
+    as PPO samples it (`judge.{start,ppo}.sampled.*`). Each with the paired per-prompt change of
+    helpfulness and its standard error (`judge.diff.*`, `judge.sampled.diff.*`): PPO changes a
+    minority of the greedy answers, so the difference of two means alone says little."""
     import numpy as np
 
     from steps.sft import judge_model, load_chat_model, load_model
     from steps.world import World
 
     mcfg, tok = load_chat_model(model.path)
-    items = World(0).items("test")
-    out, greedy = {}, {}
+    items = World(world_seed).items("test")
+    out, per_prompt, greedy_answers = {}, {}, {}
     for name, weights in (("start", model.file("model.safetensors")), ("ppo", res.weights)):
         policy = load_model(mcfg, weights)
-        scores, rows = judge_model(policy, tok, items, 32)
-        out.update({f"judge.{name}.{k}": v for k, v in scores.items() if "." not in k})
-        greedy[name] = np.array([r["helpfulness"] for r in rows])
-        sampled, _ = judge_model(policy, tok, items, 32, temperature=1.0, num_samples=8, seed=seed)
-        out.update({f"judge.{name}.sampled.{k}": v for k, v in sampled.items() if "." not in k})
-    d = greedy["ppo"] - greedy["start"]
-    out.update({"judge.diff.helpfulness": float(d.mean()),
-                "judge.diff_se.helpfulness": float(d.std(ddof=1) / np.sqrt(len(d))),
-                "judge.changed_answers": float((d != 0).mean())})
+        for kind, kwargs in (("greedy", {}), ("sampled", {"temperature": 1.0, "num_samples": 8, "seed": sample_seed})):
+            scores, rows = judge_model(policy, tok, items, 32, **kwargs)
+            prefix = f"judge.{name}." if kind == "greedy" else f"judge.{name}.sampled."
+            out.update({prefix + k: v for k, v in scores.items() if "." not in k})
+            K = len(rows) // len(items)
+            per_prompt[name, kind] = np.array([np.mean([r["helpfulness"] for r in rows[n * K:(n + 1) * K]])
+                                               for n in range(len(items))])
+            if kind == "greedy":
+                greedy_answers[name] = [r["response"] for r in rows]
+    for kind, prefix in (("greedy", "judge."), ("sampled", "judge.sampled.")):
+        d = per_prompt["ppo", kind] - per_prompt["start", kind]
+        out.update({f"{prefix}diff.helpfulness": float(d.mean()),
+                    f"{prefix}diff_se.helpfulness": float(d.std(ddof=1) / np.sqrt(len(d)))})
+    out["judge.changed_answers"] = float(np.mean([a != b for a, b in zip(greedy_answers["start"],
+                                                                          greedy_answers["ppo"])]))
     return out
 
 

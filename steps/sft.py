@@ -63,6 +63,22 @@ def load_model(cfg: ModelConfig, weights: Path, device=None, dtype=None):
     return load_for_inference(cfg, weights, device, dtype)
 
 
+@torch.no_grad()
+def packed_loss(model, packed: Path, batch_size: int = 16) -> float:
+    """Mean answer-token loss of `model` over a packed Parquet file (tokens, targets, ...): the
+    same data measured before and after fine-tuning says whether the model fit it, which the
+    training curve of a short run (one changing model, few batches) cannot."""
+    table = pq.read_table(packed)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, table.num_rows, batch_size):
+        batch = {k: v.to(device) for k, v in collate_packed(table.slice(start, batch_size).to_pydict()).items()}
+        loss_sum, n = model(batch["inputs"], targets=batch["targets"], positions=batch["positions"],
+                            segment_ids=batch["segment_ids"])
+        total, count = total + float(loss_sum), count + int(n)
+    return total / max(count, 1)
+
+
 def model_answerer(model, tok, params, batch_size: int = 64, device=None):
     """Answer with model/generate.py's KV-cached sampler, `batch_size` prompts at a time, on the
     model's own device unless told otherwise."""

@@ -33,8 +33,8 @@ def test_ppo_raises_the_held_out_reward_and_the_judge_is_not_significantly_lower
     # the gated reward of the iteration's reward models on held-out prompts (the preference
     # batches' eval split, never trained on), sampled as PPO samples (T=1): up by 0.05 or more on
     # V4. V5 starts from rs_v5, fine-tuned on best-of-K samples of the already sharpened ppo_v4,
-    # near what the reward models give sharp answers: measured +0.051..+0.064 at 15-20 iterations,
-    # too close to 0.05 for a run that is not bit-reproducible, so V5 is held to 0.03 (README "PPO")
+    # near what the reward models give sharp answers: measured +0.048..+0.064 at 15-20 iterations
+    # (2026-12-01..04, two machines), so V5 is held to 0.03; issue 13's 0.05 is not met (README "PPO")
     assert m["heldout.reward.gain"] >= (0.05 if i == CFG.rlhf.ppo_from else 0.03), m
     # the demo world's ground-truth judge on its test prompts (greedy), paired per prompt. Issue 13
     # asks for "not lower" outright, which the tiny preset does not reliably reach (README "PPO":

@@ -331,7 +331,7 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
         ) -> dict[str, float]:
     from model.generate import SamplingParams
     from steps.engine import run_on_worker
-    from steps.sft import finetune, load_chat_model, load_model, packed_loss
+    from steps.sft import finetune
 
     rcfg: RejectionConfig = ctx.cfg.rlhf.rejection
     validation: list[tuple[str, list[dict], bool]] = []
@@ -406,11 +406,11 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
         metrics["data.sft_replayed"] = len(demos)
         fine = [fine[i] if i < len(fine) else demos[i - len(fine)]  # interleaved, seeded
                 for i in np.random.default_rng(ctx.seed + iteration).permutation(len(fine) + len(demos))]
-    result, stats = finetune(ctx, f"rs_v{iteration}", model, fine, [], rcfg.train, rcfg.optim, rcfg.seq_len)
-    mcfg, _ = load_chat_model(model.path)
-    if 12 * mcfg.n_layers * mcfg.dim ** 2 < 1e9:  # did it fit its winners? (a whole model in this process)
-        for when, weights in (("before", model.file("model.safetensors")), ("after", result.weights)):
-            metrics[f"loss.winners.{when}"] = packed_loss(load_model(mcfg, weights), ctx.out_dir / "packed" / "train.parquet")
+    result, stats = finetune(ctx, f"rs_v{iteration}", model, fine, [], rcfg.train, rcfg.optim, rcfg.seq_len,
+                             fit_check=True)
+    # did it fit its winners? The engine's loss on them before the first step and after the last
+    metrics |= {"loss.winners.before": result.history[0]["eval_loss_at_start"],
+                "loss.winners.after": result.history[-1]["eval_loss"]}
     # from rlhf.ppo_from on, ppo_v{i} (trained from this model) is iteration i's chat model, `rlhf-v{i}`
     alias = f"rs-v{iteration}" if iteration >= ctx.cfg.rlhf.ppo_from else f"rlhf-v{iteration}"
     version = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf", alias)

@@ -63,22 +63,6 @@ def load_model(cfg: ModelConfig, weights: Path, device=None, dtype=None):
     return load_for_inference(cfg, weights, device, dtype)
 
 
-@torch.no_grad()
-def packed_loss(model, packed: Path, batch_size: int = 16) -> float:
-    """Mean answer-token loss of `model` over a packed Parquet file (tokens, targets, ...): the
-    same data measured before and after fine-tuning says whether the model fit it, which the
-    training curve of a short run (one changing model, few batches) cannot."""
-    table = pq.read_table(packed)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, table.num_rows, batch_size):
-        batch = {k: v.to(device) for k, v in collate_packed(table.slice(start, batch_size).to_pydict()).items()}
-        loss_sum, n = model(batch["inputs"], targets=batch["targets"], positions=batch["positions"],
-                            segment_ids=batch["segment_ids"])
-        total, count = total + float(loss_sum), count + int(n)
-    return total / max(count, 1)
-
-
 def model_answerer(model, tok, params, batch_size: int = 64, device=None):
     """Answer with model/generate.py's KV-cached sampler, `batch_size` prompts at a time, on the
     model's own device unless told otherwise."""
@@ -145,10 +129,12 @@ def load_chat_model(model_dir: Path):
 
 
 def finetune(ctx, name: str, base: Artifact, dialogues: list, eval_dialogues: list, train_cfg, optim_cfg,
-             seq_len: int) -> tuple[TrainResult, dict[str, float]]:
+             seq_len: int, fit_check: bool = False) -> tuple[TrainResult, dict[str, float]]:
     """Fine-tune `base` on dialogues with the loss on trained assistant turns only; shared by
     SFT, Ghost Attention and rejection-sampling fine-tuning. Writes dialogues.parquet, packed/,
-    model.safetensors, model_config.json and the HF export hf/ into ctx.out_dir."""
+    model.safetensors, model_config.json and the HF export hf/ into ctx.out_dir. fit_check (no
+    eval_dialogues): the engine evaluates the training rows before the first step and at the end
+    (`eval_loss_at_start` in the first history row, `eval_loss` in the last)."""
     from model.hf import export_hf
     from steps.sft_data import pack, to_table, write_packed
 
@@ -160,12 +146,14 @@ def finetune(ctx, name: str, base: Artifact, dialogues: list, eval_dialogues: li
     if eval_dialogues:
         write_packed(pack(tok, eval_dialogues, seq_len)[0], ctx.out_dir / "packed" / "eval.parquet")
         eval_files = [str(ctx.out_dir / "packed" / "eval.parquet")]
+    elif fit_check:
+        eval_files = [str(ctx.out_dir / "packed" / "train.parquet")]
     ctx.log_metrics({f"data.{k}": v for k, v in stats.items()})
     objective = Objective(
         name=name, build_module=partial(build_model, mcfg), loss=lm_objective_loss,
         train_files=[str(ctx.out_dir / "packed" / "train.parquet")], eval_files=eval_files,
         columns=["tokens", "targets", "segment_ids", "positions"], collate=collate_packed,
-        init_weights=str(base.path), model_cfg=mcfg)  # model.safetensors or its shards' index
+        init_weights=str(base.path), model_cfg=mcfg, eval_at_start=fit_check)  # init: model.safetensors or its shards' index
     result = train(objective, train_cfg, optim_cfg, work_dir=ctx.work_dir, out_dir=ctx.out_dir,
                    seed=ctx.seed, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
     ctx.log_history_figure(result.history, ["loss", "eval_loss"], f"{name}_loss_curve.png", f"{name} loss")

@@ -1,6 +1,7 @@
 """The shared training engine: schedule, gradient accumulation, ZeRO-3 on 2 Ray Train
 workers, and kill-and-resume with the same data position."""
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -120,12 +121,15 @@ def small_run(tmp_path, **train_kw):
 
 @pytest.mark.slow
 def test_zero3_two_workers_loss_falls_and_resumes_after_kill(tmp_path, ray_local, monkeypatch):
-    obj = objective(tmp_path)
+    obj = dataclasses.replace(objective(tmp_path), eval_at_start=True)
     tcfg, ocfg = small_run(tmp_path, max_failures=0)
     full = train(obj, tcfg, ocfg, work_dir=tmp_path / "a" / "work", out_dir=tmp_path / "a" / "out", seed=0)
     losses = [h["loss"] for h in full.history]
     assert len(losses) == 12 and losses[-1] < 0.5 * losses[0]
     assert full.final["eval_loss"] < 0.5 * full.history[0]["loss"]
+    # eval_at_start: the untrained model's eval loss (about ln 64 on these rows), in the first row only
+    assert full.history[0]["eval_loss_at_start"] > 3.0 > 2 * full.final["eval_loss"]
+    assert not any("eval_loss_at_start" in h for h in full.history[1:])
 
     # consolidated fp32 weights load into a fresh model (safetensors, no pickle)
     from model.weights import load_state_dict
@@ -144,6 +148,9 @@ def test_zero3_two_workers_loss_falls_and_resumes_after_kill(tmp_path, ray_local
     got = {h["step"]: h["loss"] for h in resumed.history}
     want = {h["step"]: h["loss"] for h in full.history}
     assert sorted(got) == list(range(1, 13))
+    # the resumed run does not evaluate "at start" again; the first row keeps the fresh run's value
+    assert resumed.history[0]["eval_loss_at_start"] == pytest.approx(full.history[0]["eval_loss_at_start"])
+    assert not any("eval_loss_at_start" in h for h in resumed.history[1:])
     for step in range(5, 13):  # same data position and RNG: the same losses after the checkpoint
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
 

@@ -37,6 +37,9 @@ class Objective:
     weight: Callable[[dict[str, torch.Tensor]], float] = count_targets  # loss units in a micro-batch
     mean_metrics: tuple[str, ...] = ()  # metric sums the engine divides by the total weight
     eval_files: list[str] = field(default_factory=list)
+    # also evaluate once before the first step of a fresh run (`eval_loss_at_start` in the first
+    # logged row): with the training rows as eval files, the two ends of a fit on the same data
+    eval_at_start: bool = False
     init_weights: str | None = None  # saved weights to start from (model/weights.py path)
     tokens_per_row: int = 0  # for tokens/s when batches carry no `inputs` (0: count from batches)
     flops_per_token: float = 0.0  # for MFU

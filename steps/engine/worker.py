@@ -201,6 +201,9 @@ def train_loop(config: dict) -> None:
     fail_at = int(os.environ.get("LLAMA2_FAIL_AT_STEP", "0"))
     tick, window = time.time(), {}
     first_step_at = tick  # launch overhead = this minus the time train() was called
+    at_start = {}
+    if obj.eval_files and obj.eval_at_start and start == 0:
+        at_start = {f"{k}_at_start": v for k, v in evaluate(engine, obj, tcfg, rank, world).items()}
     for step in range(start, total):
         if fail_at and step == fail_at and rank == 0 and not (work_dir / "failed_once").exists():
             (work_dir / "failed_once").write_text(str(step))  # a planned crash, once (tests)
@@ -211,7 +214,8 @@ def train_loop(config: dict) -> None:
         if done % tcfg.log_every == 0 or done == total:
             elapsed = max(time.time() - tick, 1e-9)
             units = all_reduce_sum([window["weight"]], engine.device)[0]
-            row = {"step": done, "first_step_at": first_step_at, **reduce_metrics(window, obj, engine.device)}
+            row = {"step": done, "first_step_at": first_step_at, **at_start, **reduce_metrics(window, obj, engine.device)}
+            at_start = {}  # the first logged row carries it
             row.update(lr=engine.get_lr()[0], grad_norm=float(engine.get_global_grad_norm() or 0.0),
                        tokens_per_s=row.pop("tokens") / elapsed, loss_units_per_s=units / elapsed)
             if obj.flops_per_token:

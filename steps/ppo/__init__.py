@@ -97,9 +97,8 @@ def _judge(model: Artifact, res: PPOResult, world_seed: int, sample_seed: int) -
             scores, rows = judge_model(policy, tok, items, 32, **kwargs)
             prefix = f"judge.{name}." if kind == "greedy" else f"judge.{name}.sampled."
             out.update({prefix + k: v for k, v in scores.items() if "." not in k})
-            K = len(rows) // len(items)
-            per_prompt[name, kind] = np.array([np.mean([r["helpfulness"] for r in rows[n * K:(n + 1) * K]])
-                                               for n in range(len(items))])
+            # rows come item by item, K answers each: one mean per prompt
+            per_prompt[name, kind] = np.array([r["helpfulness"] for r in rows]).reshape(len(items), -1).mean(1)
             if kind == "greedy":
                 greedy_answers[name] = [r["response"] for r in rows]
     for kind, prefix in (("greedy", "judge."), ("sampled", "judge.sampled.")):

@@ -296,9 +296,10 @@ def ours_config(args):
         "gpus_per_worker": 0.25 if gpu else 0, "precision": "bf16" if gpu else "fp32"})
     optim = ppo.optim.model_copy(update={
         "lr": args.lr, "schedule": "constant", "warmup_steps": 0, "warmup_fraction": None,
-        "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-5, "grad_clip": 1.0})
+        "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-5, "grad_clip": 1.0,
+        "lr_scale": {}})  # TRL trains every weight at one LR, and has no learned logit scale (below)
     update = {"train": train, "optim": optim, "critic_train": None, "critic_optim": None,
-              "mini_batch_size": mini, "ppo_epochs": args.epochs, "samples_per_prompt": 1,
+              "mini_batch_size": mini, "ppo_epochs": args.epochs, "samples_per_prompt": 1, "logit_scale": False,
               # TRL has no critic-only warm-up: every iteration updates both (equal optimizer steps)
               "freeze_policy_iterations": 0,
               "clip": 0.2, "value_clip": 0.2, "kl_beta": args.kl_coef, "gamma": 1.0, "lam": 0.95,

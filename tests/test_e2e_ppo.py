@@ -31,15 +31,15 @@ def test_ppo_raises_the_held_out_reward_and_the_judge_is_not_significantly_lower
     out, _, _ = tiny_run
     m = latest(out, f"ppo_v{i}").metrics
     # the gated reward of the iteration's reward models on held-out prompts (the preference
-    # batches' eval split, never trained on), sampled as PPO samples (T=1): up by 0.05 or more on
-    # V4. V5 starts from rs_v5, fine-tuned on best-of-K samples of the already sharpened ppo_v4,
-    # near what the reward models give sharp answers: measured +0.048..+0.064 at 15-20 iterations
-    # (2026-12-01..04, two machines), so V5 is held to 0.03; issue 13's 0.05 is not met (README "PPO")
-    assert m["heldout.reward.gain"] >= (0.05 if i == CFG.rlhf.ppo_from else 0.03), m
-    # the demo world's ground-truth judge on its test prompts (greedy), paired per prompt. Issue 13
-    # asks for "not lower" outright, which the tiny preset does not reliably reach (README "PPO":
-    # -0.005 +- 0.006 and -0.007 +- 0.010 at 20 iterations). What is asserted is weaker: not
-    # significantly lower (one-sided, about 2.3%) and never lower by more than 0.02.
+    # batches' eval split, never trained on), sampled as PPO samples (T=1): up by 0.05 or more
+    # (2026-12-04 with the learned logit scale: V4 +0.074, V5 +0.063; README "PPO")
+    assert m["heldout.reward.gain"] >= 0.05, m
+    # the demo world's ground-truth judge on its test prompts (greedy), paired per prompt. PPO
+    # changes 7-12% of the 131 greedy answers, so the paired change is +-0.005-0.007 of noise
+    # around its true value (2026-12-04: V4 +0.009 +- 0.005, V5 +0.001 +- 0.007). Asserting its
+    # sign would fail on noise as often as not when PPO leaves the greedy answers as good as they
+    # were; what is asserted is "not significantly lower" (one-sided, about 2.3%) and never lower
+    # by more than 0.02, with the noise bounded so the check cannot become loose.
     assert m["judge.diff_se.helpfulness"] < 0.02, m  # 131 prompts: a wider error would make this loose
     assert m["judge.diff.helpfulness"] >= -min(2 * m["judge.diff_se.helpfulness"], 0.02), m
     assert m["judge.ppo.safety"] >= m["judge.start.safety"] - 0.01, m
@@ -65,3 +65,23 @@ def test_ppo_logs_its_iterations_and_registers_the_version(tiny_run):
     assert {"reward_and_kl.png", "rollouts.json"} <= artifacts
     version = client.get_model_version_by_alias(f"{CFG.run.name}-chat", f"rlhf-v{i}")
     assert version.run_id == run_id
+
+
+def test_ppo_rerun_repeats_the_runs_step(tiny_run, tmp_path):
+    """scripts/ppo_rerun.py, which the README's PPO tables were measured with, runs the step's own
+    code on the run's V4 inputs: with no override it gives the run's ppo_v4 figures exactly."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out, _, _ = tiny_run
+    done = subprocess.run([sys.executable, "scripts/ppo_rerun.py", str(out), "--iteration", str(CFG.rlhf.ppo_from),
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rerun = json.loads((tmp_path / "result.json").read_text())
+    m = latest(out, f"ppo_v{CFG.rlhf.ppo_from}").metrics
+    assert rerun["gain"] == pytest.approx(m["heldout.reward.gain"], abs=1e-6)
+    assert rerun["kl"] == pytest.approx(m["kl"], abs=1e-6)
+    for key in ("judge.diff.helpfulness", "judge.ppo.helpfulness", "judge.sampled.diff.helpfulness"):
+        assert rerun["judge"][key] == pytest.approx(m[key], abs=1e-6), key

@@ -70,3 +70,72 @@ def test_learner_group_trains_across_calls_and_exports_what_it_sends(tmp_path, r
             assert torch.equal(torch.tensor(sent[name]), value), name
     finally:
         group.shutdown()
+
+
+def test_a_scaled_policy_leaves_as_a_plain_transformer_with_the_same_logits(tmp_path):
+    """PPO's ScaledPolicy (steps/ppo/objectives.py) starts from a chat model's weights with its
+    logit scale at 1, and what leaves it (the streamed export, the sampler's weights) is a plain
+    Transformer whose logits are the scaled policy's: the scale folds into the output norm."""
+    from safetensors.torch import save_file
+
+    from model.llama import Transformer
+    from steps.engine.checkpoint import load_initial_weights
+    from steps.ppo.objectives import ScaledPolicy
+
+    torch.manual_seed(0)
+    chat = Transformer(CFG)
+    save_file({k: v.contiguous() for k, v in chat.state_dict().items()}, tmp_path / "chat.safetensors")
+    policy = ScaledPolicy(CFG)
+    load_initial_weights(policy, str(tmp_path / "chat.safetensors"), zero3=False)  # no log_scale there: 0
+    tokens = torch.tensor(rows(4)["tokens"])
+    with torch.no_grad():
+        assert torch.equal(policy(tokens), chat(tokens))
+        policy.log_scale.fill_(0.4)
+        policy.norm.weight.mul_(torch.linspace(0.5, 1.5, CFG.dim))
+        assert next(iter(policy.named_parameters()))[0] == "log_scale"  # seen before norm.weight
+        out = {n: policy.export_tensor(n, p.detach()) for n, p in policy.named_parameters()}
+        plain = Transformer(CFG)
+        plain.load_state_dict({n: t for n, t in out.items() if t is not None})
+        assert out["log_scale"] is None
+        torch.testing.assert_close(plain(tokens), policy(tokens), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(chat(tokens), policy(tokens))
+
+
+def scaled_lm_loss(module, batch):
+    logits = module(batch["inputs"]).float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum"), {}
+
+
+@pytest.mark.slow
+def test_a_scaled_policy_learner_sends_and_exports_folded_weights(tmp_path, ray_local):
+    """Under ZeRO-3 on two ranks (the one-element logit scale is partitioned too) the learner's
+    gathered weights and its export carry no `log_scale`, and a plain Transformer loaded from
+    them computes what the learner computes after its scale has moved."""
+    from model.llama import Transformer
+    from model.weights import load_state_dict
+    from steps.engine.learner import LearnerGroup
+    from steps.ppo.objectives import build_policy
+
+    obj = Objective(name="scaled-test", build_module=partial(build_policy, CFG, True), loss=scaled_lm_loss,
+                    train_files=[], columns=["tokens"], collate=collate_lm)
+    tcfg = TrainConfig(num_workers=2, cpus_per_worker=0.5, micro_batch_size=4, zero_stage=3, precision="fp32")
+    ocfg = OptimConfig(lr=1e-4, schedule="constant", warmup_steps=0, lr_scale={"log_scale": 500})
+    group = LearnerGroup(obj, tcfg, ocfg, mini_batch_rows=8, total_steps=10, seed=0, name="scaled")
+    try:
+        data = rows()
+        for i in range(4):
+            group.step({k: v[i % 2 * 8:(i % 2 + 1) * 8] for k, v in data.items()})
+        learner = group.infer(next_token_logp, data)
+        sent = ray_local.get(group.weights())
+        exported = load_state_dict(group.export(tmp_path / "export"))
+        assert "log_scale" not in sent and sorted(sent) == sorted(exported)
+        plain = Transformer(CFG)
+        plain.load_state_dict(exported)
+        batch = collate_lm(data)
+        with torch.no_grad():
+            mine = next_token_logp(plain, batch).numpy()
+        np.testing.assert_allclose(mine, learner, rtol=1e-4, atol=1e-4)
+        start = Transformer(CFG).norm.weight  # ones: the norm gains moved (by the scale, mostly)
+        assert not torch.allclose(exported["norm.weight"], start)
+    finally:
+        group.shutdown()

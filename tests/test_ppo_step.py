@@ -84,7 +84,9 @@ def test_ppo_runs_and_a_killed_run_resumes_to_the_same_weights(tmp_path, ray_loc
     from steps.ppo.trainer import PlannedCrash
 
     dirs = make_artifacts(tmp_path)
-    cfg = tiny_cfg()
+    base = tiny_cfg()  # with the tiny preset's learned logit scale: a checkpoint carries it, the export folds it
+    cfg = base.model_copy(update={"logit_scale": True, "optim": base.optim.model_copy(
+        update={"lr_scale": {"log_scale": 10.0}})})
     kw = dict(safety_threshold=0.15, seed=0, heldout=PROMPTS[:8])
 
     def go(name):
@@ -103,6 +105,7 @@ def test_ppo_runs_and_a_killed_run_resumes_to_the_same_weights(tmp_path, ray_loc
     assert abs(whole.history[-1]["kl"]) > 1e-3 and whole.history[-1]["approx_kl"] > 0
     start = load_state_dict(dirs["policy"] / "model.safetensors")
     final = load_state_dict(whole.weights)
+    assert sorted(final) == sorted(start)  # a plain chat model: the scale folded into norm.weight
     assert any(not torch.equal(start[k], final[k]) for k in start)
 
     monkeypatch.setenv(FAIL_ENV, "3")

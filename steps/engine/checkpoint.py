@@ -156,10 +156,11 @@ def load_initial_weights(module: torch.nn.Module, path: str, zero3: bool) -> Non
     """Copy saved weights into a (possibly ZeRO-3 partitioned) module, one tensor at a time."""
     import torch.distributed as dist
 
+    fresh = set(getattr(module, "fresh_parameters", ()))  # the module's own new parameters, initialised
     with WeightsReader(path) as reader:
         names = [n for n, _ in module.named_parameters()]
-        _check_keys([n for n in names if n not in reader], [k for k in reader.keys() if k not in set(names)],
-                    str(reader.location))
+        _check_keys([n for n in names if n not in reader and n not in fresh],
+                    [k for k in reader.keys() if k not in set(names)], str(reader.location))
         rank = dist.get_rank() if dist.is_initialized() else 0
         for name, p in module.named_parameters():
             if name not in reader:
@@ -192,6 +193,9 @@ def export_weights(engine, dest: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTE
     rank = dist.get_rank()
     writer = ShardedWriter(dest, max_shard_bytes, dtype=torch.float32) if rank == 0 else None
     zero3 = engine.zero_optimization_stage() == 3
+    # a module may rewrite what leaves it (`export_tensor(name, tensor)`: a tensor, or None to
+    # leave one out), e.g. the PPO policy folds its logit scale into the output norm
+    export = getattr(engine.module, "export_tensor", lambda name, t: t)
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)  # the fp32 master copy (all-gathered under ZeRO-3)
         gather = nullcontext()
@@ -200,8 +204,8 @@ def export_weights(engine, dest: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTE
 
             gather = deepspeed.zero.GatheredParameters([p])
         with gather:
-            if rank == 0:
-                writer.add(name, full if full is not None else p.data)
+            if rank == 0 and (t := export(name, full if full is not None else p.data)) is not None:
+                writer.add(name, t)
         del full
     path = writer.close() if rank == 0 else None
     dist.barrier()

@@ -101,10 +101,11 @@ class LearnerWorker:
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
+        export = getattr(self.engine.module, "export_tensor", lambda name, t: t)  # see export_weights
         for name, p in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(p)  # the fp32 master copy, all-gathered under ZeRO-3
-            if self.rank == 0:
-                out[name] = full.detach().float().cpu().numpy().copy()
+            if self.rank == 0 and (t := export(name, full.detach().float())) is not None:
+                out[name] = t.cpu().numpy().copy()
             del full
         return out if self.rank == 0 else None
 

@@ -11,7 +11,8 @@ The step: train-split prompts of the accepted preference batches (a prompt is a 
 when any of its rows says `axis: safety`), held-out prompts from their eval split; the
 policy's export and HF directory become the iteration's chat model, registered `rlhf-v{i}`.
 On the tiny preset the demo world's ground-truth judge also scores the start and final model
-on the world's test prompts (`judge.start.*`, `judge.ppo.*`, `judge.diff*`; see `_judge`).
+on the world's test prompts (`judge.start.*`, `judge.ppo.*`, `judge.diff*`; see `judge_change`).
+scripts/ppo_rerun.py reruns a finished run's ppo_v{i} with other settings through the same code.
 """
 
 from __future__ import annotations
@@ -26,20 +27,15 @@ if TYPE_CHECKING:  # steps receive artifacts; the runner (pipelines/) makes them
     from pipelines.artifacts import Artifact
 
 VERSION = "1"
-__all__ = ["PPOConfig", "PPOResult", "VERSION", "run", "run_ppo"]
+__all__ = ["PPOConfig", "PPOResult", "VERSION", "judge_change", "ppo_prompts", "run", "run_ppo"]
 
 
 def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safety: Artifact,
         iteration: int) -> dict[str, float]:
-    import pyarrow.parquet as pq
-
     from model.hf import export_hf
-    from steps.rejection import prompts_of
 
     cfg: PPOConfig = ctx.cfg.rlhf.ppo
-    pairs = pq.read_table(prefs.file("pairs.parquet"))
-    prompts = prompts_of(pairs, cfg.num_prompts, ctx.seed + iteration)
-    heldout = prompts_of(pairs, cfg.eval_prompts, ctx.seed + iteration, split="eval") or None
+    prompts, heldout = ppo_prompts(prefs, cfg, ctx.seed + iteration)
     ctx.log_params({"ppo.train_prompts": len(prompts), "ppo.heldout_prompts": len(heldout or [])})
     res = run_ppo(model.path, rm_helpfulness.path, rm_safety.path, prompts, cfg,
                   safety_threshold=ctx.cfg.rlhf.safety_threshold, work_dir=ctx.work_dir, out_dir=ctx.out_dir,
@@ -71,13 +67,25 @@ def run(ctx, model: Artifact, prefs: Artifact, rm_helpfulness: Artifact, rm_safe
         metrics.update({f"last.{k}": h[k] for k in ("clip_fraction", "approx_kl", "entropy", "value_loss",
                                                     "explained_variance", "reward.raw.mean")})
     if ctx.cfg.sft.demo_world:
-        metrics.update(_judge(model, res, ctx.seed, ctx.seed + iteration))
+        metrics.update(judge_change(model, res, ctx.seed, ctx.seed + iteration))
     metrics["registry_version"] = ctx.register_model(f"{ctx.cfg.run.name}-chat", ctx.out_dir / "hf",
                                                      f"rlhf-v{iteration}")
     return metrics
 
 
-def _judge(model: Artifact, res: PPOResult, world_seed: int, sample_seed: int) -> dict[str, float]:
+def ppo_prompts(prefs: Artifact, cfg: PPOConfig, seed: int) -> tuple[list, list | None]:
+    """(train prompts, held-out prompts or None) of an accepted-preferences artifact: the train
+    split's prompts PPO draws its batches from, the eval split's for early stopping."""
+    import pyarrow.parquet as pq
+
+    from steps.rejection import prompts_of
+
+    pairs = pq.read_table(prefs.file("pairs.parquet"))
+    return (prompts_of(pairs, cfg.num_prompts, seed),
+            prompts_of(pairs, cfg.eval_prompts, seed, split="eval") or None)
+
+
+def judge_change(model: Artifact, res: PPOResult, world_seed: int, sample_seed: int) -> dict[str, float]:
     """The demo world's ground-truth judge on its test prompts, before and after PPO: greedy
     (`judge.{start,ppo}.*`, as the other steps judge) and 8 samples per prompt at T=1, the policy
     as PPO samples it (`judge.{start,ppo}.sampled.*`). Each with the paired per-prompt change of

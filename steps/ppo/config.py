@@ -23,6 +23,9 @@ class PPOConfig(Section):
     # on the reward model's logit scale, not on the whitened reward's, and its first advantages
     # would be mostly its own error
     freeze_policy_iterations: int = Field(0, ge=0)
+    # the policy learns one logit scale beside its weights (steps/ppo/objectives.py ScaledPolicy),
+    # folded into the output norm when weights leave the learner; off in the paper's presets
+    logit_scale: bool = False
     samples_per_prompt: int = Field(1, ge=1)
     clip: float = Field(0.2, gt=0)
     value_clip: float = Field(0.2, gt=0)

@@ -59,7 +59,7 @@ def launch(cfg: PPOConfig, policy_dir: str, rm_dirs: dict[str, str], mcfg: Model
     sampler = _actor(RolloutSampler, cfg.sampler).remote(policy_dir, cfg.use_vllm)
     scorer = _actor(Scorer, cfg.scorer).remote(policy_dir, rm_dirs)
     steps = cfg.iterations * cfg.ppo_epochs * (cfg.train.global_batch_size // cfg.mini_batch_size)
-    policy = LearnerGroup(policy_objective(mcfg, f"{policy_dir}/model.safetensors", cfg.clip), cfg.train, cfg.optim,
+    policy = LearnerGroup(policy_objective(mcfg, f"{policy_dir}/model.safetensors", cfg.clip, cfg.logit_scale), cfg.train, cfg.optim,
                           mini_batch_rows=cfg.mini_batch_size, total_steps=steps, seed=seed, name="ppo-policy")
     ctrain, coptim = cfg.critic
     critic = LearnerGroup(critic_objective(rm_cfg, f"{rm_dirs['helpfulness']}/model.safetensors", cfg.value_clip),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
+from model.llama import Transformer
 from model.reward import RewardModel
 from steps.engine.objective import Objective
 from steps.ppo.losses import entropy_from_logits, policy_loss, value_loss
@@ -43,10 +44,47 @@ class ValueModel(RewardModel):
         return self.score(h).squeeze(-1).float()  # [B, T]
 
 
-def build_policy(cfg: ModelConfig):
-    from model.llama import Transformer
+class ScaledPolicy(Transformer):
+    """The policy with one more learnable number, `log_scale` (starting at 0): logits x
+    exp(log_scale), i.e. a learned inverse temperature (`rlhf.ppo.logit_scale`, tiny preset).
 
-    return Transformer(cfg)
+    Why: a policy sharpens or flattens along one direction of its weights, a uniform change of
+    the output norm's gains. Adam updates each gain on its own noisy per-gain gradient, so that
+    direction moves as a random walk: on the tiny preset the 128 gains spread by about
+    lr * sqrt(steps) while their mean moved little, and the per-gain noise changed greedy
+    answers. The scalar gets the summed signal. It is a preconditioner, not a restriction:
+    every weight still trains (README "PPO").
+
+    Leaving the learner (the sampler's weights, the export) the scale folds into `norm.weight`:
+    the output layer is linear, so output(s * g * x) = s * output(g * x), and what leaves is a
+    plain Transformer with the same logits. `log_scale` is the module's own parameter, so
+    named_parameters() yields it first and the streamed export sees it before norm.weight."""
+
+    fresh_parameters = ("log_scale",)  # not in the initial weights: starts at 0
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.log_scale = torch.nn.Parameter(torch.zeros(1))
+        self._folded_scale: float | None = None
+
+    def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:  # type: ignore[override]
+        if kw.get("targets") is not None or kw.get("return_hidden"):
+            raise ValueError("the PPO policy returns scaled logits only")
+        return super().forward(tokens, **kw) * self.log_scale.exp()
+
+    def export_tensor(self, name: str, full: torch.Tensor) -> torch.Tensor | None:
+        if name == "log_scale":
+            self._folded_scale = float(full.exp())
+            return None
+        if name == "norm.weight":
+            if self._folded_scale is None:
+                raise RuntimeError("norm.weight came before log_scale: the fold would be lost")
+            return full * self._folded_scale
+        return full
+
+
+def build_policy(cfg: ModelConfig, logit_scale: bool = False):
+    return ScaledPolicy(cfg) if logit_scale else Transformer(cfg)
 
 
 def build_critic(cfg: ModelConfig):
@@ -94,8 +132,8 @@ def critic_objective_loss(module, batch: dict[str, torch.Tensor], clip: float):
     return value_loss(values, batch["old_values"], batch["returns"], mask, clip), {}
 
 
-def policy_objective(cfg: ModelConfig, init_weights: str, clip: float) -> Objective:
-    return Objective(name="ppo-policy", build_module=partial(build_policy, cfg),
+def policy_objective(cfg: ModelConfig, init_weights: str, clip: float, logit_scale: bool = False) -> Objective:
+    return Objective(name="ppo-policy", build_module=partial(build_policy, cfg, logit_scale),
                      loss=partial(policy_objective_loss, clip=clip), train_files=[], columns=POLICY_COLUMNS,
                      collate=collate, weight=action_weight, mean_metrics=("clipped", "approx_kl", "entropy"),
                      init_weights=init_weights, model_cfg=cfg)

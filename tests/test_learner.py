@@ -101,6 +101,18 @@ def test_a_scaled_policy_leaves_as_a_plain_transformer_with_the_same_logits(tmp_
         assert not torch.allclose(chat(tokens), policy(tokens))
 
 
+def gathered(name):
+    """An `infer` function: the learner's own copy of one parameter (its training copy, gathered
+    under ZeRO-3), once per row."""
+    def fn(module, batch):
+        import deepspeed
+
+        p = dict(module.named_parameters())[name]
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().reshape(1, -1).repeat(batch["inputs"].shape[0], 1)
+    return fn
+
+
 def scaled_lm_loss(module, batch):
     logits = module(batch["inputs"]).float()
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum"), {}
@@ -126,16 +138,20 @@ def test_a_scaled_policy_learner_sends_and_exports_folded_weights(tmp_path, ray_
         for i in range(4):
             group.step({k: v[i % 2 * 8:(i % 2 + 1) * 8] for k, v in data.items()})
         learner = group.infer(next_token_logp, data)
+        log_scale = float(group.infer(gathered("log_scale"), data)[0, 0])
+        gain = torch.tensor(group.infer(gathered("norm.weight"), data)[0])  # unfolded
+        assert abs(log_scale) > 0.02  # the scale moved: a lost or wrong fold would show below
         sent = ray_local.get(group.weights())
         exported = load_state_dict(group.export(tmp_path / "export"))
         assert "log_scale" not in sent and sorted(sent) == sorted(exported)
+        for name, value in exported.items():  # the sampler gets exactly what the export writes
+            assert torch.equal(torch.tensor(sent[name]), value), name
+        torch.testing.assert_close(exported["norm.weight"], gain * np.exp(log_scale), rtol=1e-5, atol=1e-6)
         plain = Transformer(CFG)
         plain.load_state_dict(exported)
         batch = collate_lm(data)
         with torch.no_grad():
             mine = next_token_logp(plain, batch).numpy()
         np.testing.assert_allclose(mine, learner, rtol=1e-4, atol=1e-4)
-        start = Transformer(CFG).norm.weight  # ones: the norm gains moved (by the scale, mostly)
-        assert not torch.allclose(exported["norm.weight"], start)
     finally:
         group.shutdown()

@@ -183,6 +183,13 @@ def _check_keys(missing, unexpected, path) -> None:
                          f"unexpected {list(unexpected)[:5]})")
 
 
+def export_hook(module: torch.nn.Module):
+    """What leaves the engine (the export, the persistent learner's `weights()`) goes through the
+    module's `export_tensor(name, fp32 tensor) -> tensor, or None to leave it out`, if it has
+    one: the PPO policy folds its learned logit scale into the output norm with it."""
+    return getattr(module, "export_tensor", lambda name, t: t)
+
+
 def export_weights(engine, dest: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path | None:
     """Write the model's fp32 weights into `dest` (model.safetensors, or shards + index) one
     parameter at a time; every rank must call it (the gathers are collective). Returns the
@@ -193,9 +200,7 @@ def export_weights(engine, dest: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTE
     rank = dist.get_rank()
     writer = ShardedWriter(dest, max_shard_bytes, dtype=torch.float32) if rank == 0 else None
     zero3 = engine.zero_optimization_stage() == 3
-    # a module may rewrite what leaves it (`export_tensor(name, tensor)`: a tensor, or None to
-    # leave one out), e.g. the PPO policy folds its logit scale into the output norm
-    export = getattr(engine.module, "export_tensor", lambda name, t: t)
+    export = export_hook(engine.module)
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)  # the fp32 master copy (all-gathered under ZeRO-3)
         gather = nullcontext()

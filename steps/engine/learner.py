@@ -100,8 +100,10 @@ class LearnerWorker:
         """Full fp32 weights on rank 0 (None elsewhere); every rank must call it (collective)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        from steps.engine.checkpoint import export_hook
+
         out = {}
-        export = getattr(self.engine.module, "export_tensor", lambda name, t: t)  # see export_weights
+        export = export_hook(self.engine.module)  # what the export writes, e.g. a folded logit scale
         for name, p in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(p)  # the fp32 master copy, all-gathered under ZeRO-3
             if self.rank == 0 and (t := export(name, full.detach().float())) is not None:

@@ -70,7 +70,7 @@ class ScaledPolicy(Transformer):
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:  # type: ignore[override]
         if kw.get("targets") is not None or kw.get("return_hidden"):
             raise ValueError("the PPO policy returns scaled logits only")
-        return super().forward(tokens, **kw) * self.log_scale.exp()
+        return super().forward(tokens, **kw) * self.log_scale.float().exp()  # fp32 logits, as the fold
 
     def export_tensor(self, name: str, full: torch.Tensor) -> torch.Tensor | None:
         if name == "log_scale":
@@ -79,7 +79,8 @@ class ScaledPolicy(Transformer):
         if name == "norm.weight":
             if self._folded_scale is None:
                 raise RuntimeError("norm.weight came before log_scale: the fold would be lost")
-            return full * self._folded_scale
+            scale, self._folded_scale = self._folded_scale, None  # one fold per export
+            return full * scale
         return full
 
 

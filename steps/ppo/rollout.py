@@ -47,9 +47,10 @@ class RolloutSampler:
             model.load_weights([(to_hf_name(k), torch.as_tensor(v)) for k, v in weights.items()])
             return len(weights)
         params = dict(self.model.named_parameters())
-        missing = set(params) - set(weights)
-        if missing:
-            raise ValueError(f"the learner's weights lack {sorted(missing)[:5]}")
+        missing, unexpected = set(params) - set(weights), set(weights) - set(params)
+        if missing or unexpected:  # e.g. a logit scale that was not folded into the output norm
+            raise ValueError(f"the learner's weights do not match the sampler's model: missing "
+                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(torch.tensor(weights[name], dtype=p.dtype))

@@ -40,16 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    import pyarrow.parquet as pq
 
     from model.chat import encode_prompt
     from model.generate import SamplingParams, TorchSampler
+    from pipelines.artifacts import Artifact
+    from pipelines.config import load_config
     from scripts.win_rate_bound import sft_answers
     from steps.evaluate import judge_scores
     from steps.gated_reward import gated_reward, logit
+    from steps.ppo import ppo_prompts
     from steps.ppo.scorer import Scorer
     from steps.ppo.trainer import build_rollouts
-    from steps.rejection import prompts_of, to_dialogue
+    from steps.rejection import to_dialogue
     from steps.sft import judge_model, load_chat_model, load_model
     from steps.win_rate import win_rate
     from steps.world import World, judge
@@ -92,8 +94,10 @@ def main() -> None:
     world = World(seed)  # the run's seed: its world, and PPO's prompt draws
     test = world.items("test")
     sft_scores = judge_scores(test, sft)
-    pairs = pq.read_table(step_dir(f"prefs_v{iteration}") / "pairs.parquet")
-    train, held = prompts_of(pairs, 1024, seed + iteration), prompts_of(pairs, 128, seed + iteration, split="eval")
+    # the prompts ppo_v{i} trains and early-stops on (the tiny preset's counts: 1024 and 128)
+    train, held = ppo_prompts(Artifact.load(step_dir(f"prefs_v{iteration}")), load_config(None).rlhf.ppo,
+                              seed + iteration)
+    held = held or []
     if args.reward == "judge":  # only prompts the judge can score: the world's train items
         by_turns = {(x.dialogue.system or "", tuple(t.content for t in x.dialogue.turns)): x
                     for x in world.items("train")}
